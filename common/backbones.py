@@ -1,0 +1,92 @@
+"""Backbones: one function that returns (module, feature_dim) with the classifier removed.
+
+ResNets are torchvision's own classes, so a saved state dict loads into a stock
+`torchvision.models.resnet18()` once the CIFAR stem is applied (see `cifar_stem`).
+ViT and Swin come from timm and are imported only when asked for (`import timm` costs ~10 s cold).
+"""
+import torch
+import torch.nn as nn
+import torchvision
+
+from common.cli import UsageError
+
+RESNETS = ("resnet18", "resnet50", "resnet_narrow")
+TIMM_MODELS = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+    "swin_small": "swin_small_patch4_window7_224",
+    "swin_base": "swin_base_patch4_window7_224",
+}
+BACKBONES = RESNETS + tuple(TIMM_MODELS)
+
+
+def cifar_stem(resnet):
+    """solo-learn's stem for images under 64px: 3x3 conv, stride 1, padding 2, no max-pool."""
+    resnet.conv1 = nn.Conv2d(3, resnet.conv1.out_channels, 3, stride=1, padding=2, bias=False)
+    resnet.maxpool = nn.Identity()
+    return resnet
+
+
+def narrow_resnet(width=16, blocks=(1, 1, 1, 1)):
+    """A torchvision ResNet of BasicBlocks with widths (w, 2w, 4w, 8w): CPU-sized, same key names."""
+    from torchvision.models.resnet import BasicBlock
+    net = torchvision.models.ResNet(BasicBlock, list(blocks))
+    net.inplanes = width  # _make_layer reads the input width from here
+    net.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    for i, n in enumerate(blocks):
+        setattr(net, f"layer{i + 1}", net._make_layer(BasicBlock, width * 2 ** i, n, stride=1 if i == 0 else 2))
+    for m in net.modules():  # torchvision's init, applied again to the rebuilt layers
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    net.fc = nn.Linear(width * 8, 1000)
+    return net
+
+
+def build_backbone(name, image_size=224):
+    """Return (module, feature_dim); the module maps images (N, 3, H, W) to features (N, feature_dim).
+
+    ResNets get the CIFAR stem when image_size < 64. ViTs use patch 4 below 64px, patch 16 above,
+    and interpolate their position embeddings for any input size, so multi-crop works.
+    """
+    if name in RESNETS:
+        net = narrow_resnet() if name == "resnet_narrow" else getattr(torchvision.models, name)()
+        if image_size < 64:
+            cifar_stem(net)
+        dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, dim
+    if name in TIMM_MODELS:
+        import timm
+        small = image_size < 64
+        kwargs = dict(num_classes=0, img_size=image_size, dynamic_img_size=name.startswith("vit"))
+        if small:
+            kwargs.update(patch_size=4) if name.startswith("vit") else kwargs.update(patch_size=2, window_size=4)
+        net = timm.create_model(TIMM_MODELS[name], **kwargs)
+        return net, net.num_features
+    raise UsageError(f"unknown backbone '{name}': choose one of {', '.join(BACKBONES)}")
+
+
+def backbone_metadata(name, image_size, feature_dim, method):
+    """What eval/ needs to rebuild a backbone; stored beside its state dict in backbone.pt."""
+    return {"name": name, "image_size": image_size, "cifar_stem": name in RESNETS and image_size < 64,
+            "feature_dim": feature_dim, "method": method}
+
+
+def load_backbone(path, map_location="cpu"):
+    """Load a backbone.pt written by any method script; returns (module in eval mode, metadata dict)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint not found: {path} (pass the backbone.pt a run wrote to --out-dir)")
+    except Exception as e:
+        raise UsageError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+    if not isinstance(ckpt, dict) or "backbone" not in ckpt:
+        raise UsageError(f"{path} is not a backbone.pt (no 'backbone' key): pass the backbone.pt of a run, not last.pt")
+    net, dim = build_backbone(ckpt["name"], ckpt["image_size"])
+    net.load_state_dict(ckpt["backbone"], strict=True)
+    meta = {k: v for k, v in ckpt.items() if k != "backbone"}
+    meta["feature_dim"] = dim
+    return net.eval(), meta

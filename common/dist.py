@@ -1,0 +1,120 @@
+"""Distributed helpers: set-up from torchrun's environment, gathers that keep gradients, all-reduces.
+
+Every function is a no-op (or the identity) in a single process, so method code reads the same
+with and without torchrun.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device="auto"):
+    """Initialise the process group when launched by torchrun; returns (rank, world_size, device).
+
+    NCCL on CUDA, gloo on CPU. Each process drives the GPU of its LOCAL_RANK.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from common.cli import UsageError
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                device_id=torch.device(device) if device.startswith("cuda") else None)
+    return rank, world_size, torch.device(device)
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main():
+    """Rank 0 alone prints, logs and writes files."""
+    return get_rank() == 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the sum, over all ranks, of the gradient that
+    flowed into its slice: every rank's loss depends on every rank's samples."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x):
+    """Concatenate x (same shape on every rank) from all ranks along dim 0, in rank order.
+    Gradients flow back to each rank's own slice."""
+    if not is_distributed():
+        return x
+    if x.requires_grad:
+        return _GatherWithGrad.apply(x)
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_sum(x):
+    """Sum of x over ranks (a new tensor; no gradient)."""
+    if is_distributed():
+        x = x.detach().clone()
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_mean(x):
+    """Mean of x over ranks (a new tensor; no gradient)."""
+    return all_reduce_sum(x) / get_world_size()
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward is a sum too: d(sum_r x_r)/dx_r = 1 for every rank's loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum_with_grad(x):
+    """Sum of x over ranks that keeps gradients (Barlow Twins' cross-correlation, for example)."""
+    return _AllReduceWithGrad.apply(x) if is_distributed() else x
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup():
+    if is_distributed():
+        dist.destroy_process_group()

@@ -1,0 +1,151 @@
+"""SimCLR: A Simple Framework for Contrastive Learning of Visual Representations (Chen et al., ICML 2020).
+
+Idea: two random augmentations of the same image should be closer to each other than to every other
+image in the batch. A projector maps backbone features to z; the NT-Xent (normalized temperature-scaled
+cross-entropy) loss treats the other view of an image as its positive and all remaining 2N-2 views
+(gathered from every GPU) as negatives. Multi-crop extends the positives to all views of the image.
+
+Loss, for the set of all views A, P(i) = other views of view i's image, s = cosine similarity:
+    L = -1/|A| sum_i 1/|P(i)| sum_{p in P(i)} log( exp(s(z_i, z_p)/T) / sum_{a in A, a != i} exp(s(z_i, z_a)/T) )
+
+    python simclr.py --dataset synthetic                       # offline CPU demo, minutes
+    python simclr.py --dataset cifar10                         # solo-learn CIFAR recipe
+    torchrun --nproc_per_node=4 simclr.py --dataset imagenet100 --data-dir /data/imagenet100
+"""
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import checkpoint, cli, dist, optim
+from common.backbones import build_backbone
+from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
+
+# ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
+RECIPES = {
+    "cifar": dict(backbone="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.4, weight_decay=1e-5,
+                  warmup_epochs=10, probe_lr=0.1, preset="symmetric", crop_size=32,
+                  temperature=0.2, proj_hidden_dim=2048, proj_output_dim=256),
+    "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=0.4, weight_decay=1e-5,
+                     warmup_epochs=10, probe_lr=0.1, preset="symmetric", crop_size=224,
+                     temperature=0.2, proj_hidden_dim=2048, proj_output_dim=256),
+    "synthetic": dict(backbone="resnet_narrow", epochs=12, batch_size=128, optimizer="lars", lr=1.0,
+                      weight_decay=1e-5, warmup_epochs=1, probe_lr=0.1, preset="symmetric", crop_size=32,
+                      temperature=0.2, proj_hidden_dim=512, proj_output_dim=128, workers=2),
+}
+
+
+def parse_args(argv=None):
+    p = cli.parser("simclr", __doc__, RECIPES)
+    p.add_argument("--temperature", type=float, help="NT-Xent temperature T")
+    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
+    p.add_argument("--proj-output-dim", type=int, help="projector output width (z)")
+    return cli.resolve(p, argv, "simclr", RECIPES)
+
+
+# ---- heads ----
+class SimCLR(nn.Module):
+    """Backbone -> projector (Linear-ReLU-Linear, no BN) and the online linear probe on sg(features)."""
+
+    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True),
+                                       nn.Linear(hidden_dim, output_dim))
+        self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+
+    def forward(self, views):
+        """views: list of image batches (one per crop; each through BN separately, as in the paper)."""
+        feats = [self.backbone(v) for v in views]
+        z = torch.cat([self.projector(f) for f in feats])
+        return z, self.probe(feats[0].detach())
+
+
+# ---- loss ----
+def simclr_loss(z, indexes, temperature=0.2):
+    """NT-Xent. z: (N, D) projections of all views; indexes: (N,) image id of each row (rows that share an
+    id are positives of each other). L = mean_i [ -mean_{p in P(i)} log softmax_{a != i}(cos(z_i, z_a) / T)_p ]."""
+    z = F.normalize(z.float(), dim=1)
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    positives = (indexes[:, None] == indexes[None, :]) & ~self_mask
+    log_prob = logits.masked_fill(self_mask, float("-inf")).log_softmax(dim=1)
+    return -(log_prob.masked_fill(~positives, 0).sum(1) / positives.sum(1)).mean()
+
+
+# ---- training ----
+def train(args):
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    run = Run(args)
+    datasets = build_data(args, run)
+    backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
+    model = SimCLR(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, datasets.num_classes)
+    train_model = prepare_model(model, run)
+    groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
+                                exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
+    groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+
+    state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
+    epoch, step = 0, 0
+    if path := checkpoint.resume_path(args):
+        epoch, step, _ = checkpoint.load(path, "simclr", state)
+        run.print(f"resumed from {path} at epoch {epoch}, step {step}")
+    steps_per_epoch = datasets.steps_per_epoch
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    last_pt = os.path.join(args.out_dir, "last.pt")
+    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "simclr", args, epoch, step, state)
+
+    stop = "max_steps" if args.max_steps and step >= args.max_steps else None
+    while epoch < args.epochs and stop is None:
+        skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
+        model.train()
+        losses, images, start = [], 0, time.time()
+        bar = run.progress(datasets.loader, epoch)
+        for views, labels, indexes in bar:
+            lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
+            views = [run.to_device(v) for v in views]
+            labels, indexes = labels.to(run.device), indexes.to(run.device)
+            with run.autocast():
+                z, logits = train_model(views)
+            # all views of all ranks: each rank computes the same global loss on the gathered batch
+            loss = simclr_loss(dist.gather(z), dist.gather(indexes.repeat(len(views))), temperature=args.temperature)
+            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            step += 1
+            losses.append(loss.item())
+            images += len(labels) * run.world_size
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
+            if step % args.log_every == 0:
+                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
+            if run.should_stop():
+                stop = run.stop_signal or "signal"
+            if args.max_steps and step >= args.max_steps:
+                stop = "max_steps"
+            if stop:
+                break
+        finished_epoch = step == (epoch + 1) * steps_per_epoch
+        final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
+        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+            save(epoch, step)
+            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
+            break
+        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
+        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch += finished_epoch
+        save(epoch, step)
+    if stop in (None, "max_steps"):
+        finish(run, model.backbone, feature_dim)
+    run.close()
+
+
+def main(argv=None):
+    cli.run_main(lambda a: train(parse_args(a)), argv)
+
+
+if __name__ == "__main__":
+    main()
