@@ -24,7 +24,7 @@ GENERIC_DEFAULTS = dict(data_dir="./data", workers=min(8, os.cpu_count() or 1), 
                         precision="auto", data_backend="torchvision", resume=None, max_steps=0, knn_every=0,
                         umap_every=0, log_every=50, log="none", channels_last=None, compile=False,
                         warmup_start_lr=3e-5, min_lr=0.0, num_large_crops=2, num_small_crops=0,
-                        small_crop_size=None, grad_clip=0.0)
+                        small_crop_size=None, grad_clip=0.0, train_subset=0)
 DATASET_OVERRIDES = {"stl10": dict(crop_size=96)}
 
 
@@ -67,6 +67,7 @@ def parser(method, doc, recipes):
     add("--num-small-crops", "small crops per image (multi-crop)", type=int)
     add("--small-crop-size", "small crop size [default: 18 for 32px crops, 96 for 224px]", type=int)
     add("--grad-clip", "clip the gradient norm to this value (0: off)", type=float)
+    add("--train-subset", "train on the first N images only (quick experiments; 0: all)", type=int)
     add("--workers", "data loader worker processes per process", type=int)
     add("--seed", "seed of model init, data order and augmentations", type=int)
     add("--device", "auto picks CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
@@ -77,8 +78,8 @@ def parser(method, doc, recipes):
     add("--out-dir", "run folder [default: runs/<method>-<dataset>]")
     add("--resume", "checkpoint to resume from [default: <out-dir>/last.pt when it exists]")
     add("--max-steps", "stop after this many optimizer steps in all, as if training had ended (0: off)", type=int)
-    add("--knn-every", "kNN monitor every N epochs (0: at the end only)", type=int)
-    add("--umap-every", "UMAP plot every N epochs (0: at the end only)", type=int)
+    add("--knn-every", "kNN monitor every N epochs (0: at the end only, -1: never)", type=int)
+    add("--umap-every", "UMAP plot every N epochs (0: at the end only, -1: never)", type=int)
     add("--log-every", "write a metrics line every N steps", type=int)
     add("--log", "extra logger besides metrics.jsonl", choices=("none", "tensorboard", "wandb"))
     add("--channels-last", "channels_last memory format [default: on for ResNets]",
@@ -112,8 +113,10 @@ def run_main(main, argv=None):
     try:
         main(argv)
     except UsageError as e:
+        # A DataLoader worker's error arrives wrapped in its traceback: its last line is the message.
+        message = str(e).strip().splitlines()[-1].removeprefix(f"{UsageError.__module__}.UsageError: ")
         if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank fails alike: say it once
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)

@@ -120,6 +120,9 @@ def build_data(args, run):
     if args.data_backend != "torchvision":
         raise UsageError(f"--data-backend {args.data_backend} is not available yet: use torchvision")
     train_set = data.load_dataset(args.dataset, args.data_dir, "train", args.seed)
+    if args.train_subset:  # the first N images: quick experiments and tests
+        full, train_set = train_set, torch.utils.data.Subset(train_set, range(min(args.train_subset, len(train_set))))
+        train_set.num_classes, train_set.image_size = full.num_classes, full.image_size
     mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
     views = augment.pretrain_transform(args.preset, args.crop_size, mean, std, num_large=args.num_large_crops,
                                        num_small=args.num_small_crops, small_size=args.small_crop_size)
@@ -147,7 +150,8 @@ def prepare_model(model, run, trained=True):
         model.requires_grad_(False)
     if run.world_size == 1:
         return model
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if run.device.type == "cuda":  # DDP supports SyncBatchNorm on GPUs only; CPU ranks keep local BN
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if not trained:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -181,24 +185,25 @@ def optimizer_step(run, loss, optimizer, epoch, step, grad_clip=0.0, before_step
 
 def evaluate(run, datasets, backbone, probe, epoch, final=False):
     """Probe accuracy every epoch; kNN every --knn-every epochs and at the end; UMAP likewise.
-    Runs on rank 0 (others wait), since it is a small fraction of an epoch."""
+    Runs on rank 0 (others wait), since it is a small fraction of an epoch. The RNG is forked so
+    that evaluating never changes the training's random stream (resumed runs stay identical)."""
     args, metrics = run.args, {}
     if run.is_main and datasets.val is not None:
-        ctx = dict(device=run.device, channels_last=args.channels_last, autocast=run.autocast)
-        metrics.update({f"probe_{k}": v for k, v in
-                        evaluation.probe_validate(backbone, probe, datasets.val, **ctx).items()})
-        knn_now = final or (args.knn_every and (epoch + 1) % args.knn_every == 0)
-        umap_now = final or (args.umap_every and (epoch + 1) % args.umap_every == 0)
-        if knn_now or umap_now:
-            val_feats, val_labels = evaluation.extract_features(backbone, datasets.val, **ctx)
-        if knn_now:
-            train_feats, train_labels = evaluation.extract_features(backbone, datasets.knn_train, **ctx)
-            metrics["knn_acc1"], metrics["knn_acc5"] = evaluation.knn_accuracy(
-                train_feats, train_labels, val_feats, val_labels, datasets.num_classes)
-        if umap_now:
-            from common.plots import umap_png  # umap-learn imports slowly: only when drawing
-            umap_png(val_feats, val_labels, os.path.join(args.out_dir, "umap.png"),
-                     f"{args.method} on {args.dataset}, epoch {epoch}")
+        with torch.random.fork_rng(devices=[]):
+            ctx = dict(device=run.device, channels_last=args.channels_last, autocast=run.autocast)
+            metrics = {f"probe_{k}": v for k, v in evaluation.probe_validate(backbone, probe, datasets.val, **ctx).items()}
+            knn_now = args.knn_every >= 0 and (final or (args.knn_every and (epoch + 1) % args.knn_every == 0))
+            umap_now = args.umap_every >= 0 and (final or (args.umap_every and (epoch + 1) % args.umap_every == 0))
+            if knn_now or umap_now:
+                val_feats, val_labels = evaluation.extract_features(backbone, datasets.val, **ctx)
+            if knn_now:
+                train_feats, train_labels = evaluation.extract_features(backbone, datasets.knn_train, **ctx)
+                metrics["knn_acc1"], metrics["knn_acc5"] = evaluation.knn_accuracy(
+                    train_feats, train_labels, val_feats, val_labels, datasets.num_classes)
+            if umap_now:
+                from common.plots import umap_png  # umap-learn imports slowly: only when drawing
+                umap_png(val_feats, val_labels, os.path.join(args.out_dir, "umap.png"),
+                         f"{args.method} on {args.dataset}, epoch {epoch}")
     dist.barrier()
     return metrics
 

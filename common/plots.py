@@ -1,0 +1,62 @@
+"""UMAP pictures of feature spaces. Imported lazily: umap-learn takes seconds to import and its
+first fit ~15 s more to JIT-compile."""
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot is imported: no display needed (clusters, CI, ssh)
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def umap_png(features, labels, path, title, max_points=10000, seed=0):
+    """Embed `features` (N, D) in 2-D with UMAP and save a scatter plot coloured by `labels` to `path`.
+
+    At most `max_points` rows are drawn (a seeded random subset, so repeated plots of one run
+    are comparable). Label -1 (unlabelled) is grey. The PNG is written to a temporary file and
+    renamed, so a reader never sees half a picture.
+    """
+    import umap  # here, not at the top: seconds to import, so only when a plot is drawn
+
+    features = torch.as_tensor(features).float().cpu()
+    labels = torch.as_tensor(labels).long().cpu()
+    if features.size(0) < 3:
+        raise ValueError(f"UMAP needs at least 3 points, got {features.size(0)}")
+    if features.size(0) > max_points:
+        keep = torch.randperm(features.size(0), generator=torch.Generator().manual_seed(seed))[:max_points]
+        features, labels = features[keep], labels[keep]
+    # n_neighbors must stay below the number of points; cosine matches how kNN compares features.
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, features.size(0) - 1), min_dist=0.1,
+                        metric="cosine", random_state=seed, n_jobs=1)
+    points = reducer.fit_transform(features.numpy())
+
+    classes = sorted(set(labels.tolist()) - {-1})
+    colormap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo")
+    figure, axes = plt.subplots(figsize=(8, 8))
+    size = min(max(40000 / len(labels), 2), 16)  # large dots for a few points, small for many
+    unlabelled = (labels == -1).numpy()
+    if unlabelled.any():
+        axes.scatter(points[unlabelled, 0], points[unlabelled, 1], s=size, c="lightgrey", label="unlabelled")
+    for rank, label in enumerate(classes):
+        rows = (labels == label).numpy()
+        # Listed colormaps are indexed by integer; continuous ones by a float in [0, 1].
+        colour = colormap(rank) if len(classes) <= 20 else colormap(rank / max(len(classes) - 1, 1))
+        axes.scatter(points[rows, 0], points[rows, 1], s=size, color=colour, label=str(label))
+    if len(classes) <= 20:
+        legend = axes.legend(fontsize="small", loc="best")
+        for handle in legend.legend_handles:  # legend dots readable whatever the plot's dot size
+            handle.set_sizes([30])
+    axes.set_title(title)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    figure.tight_layout()
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"  # same folder, so the rename below is atomic
+    try:
+        figure.savefig(temporary, format="png", dpi=150)
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(temporary):
+            os.unlink(temporary)

@@ -1,0 +1,134 @@
+"""Weighted kNN accuracy of a frozen backbone.pt (InstDisc / solo-learn protocol).
+
+Training-split features are the memory, validation-split features the queries. Features are
+L2-normalized; each query's k most similar memory features vote for their class with weight
+exp(cosine / temperature). No training, no augmentation: a quick, hyperparameter-light check.
+
+    python eval/knn.py --ckpt runs/byol-cifar10/backbone.pt
+    python eval/knn.py --ckpt runs/byol-cifar10/backbone.pt --k 20 --temperature 0.07
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# `python eval/knn.py` puts eval/ on sys.path, not the repository root that holds common/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from common import augment, data, evaluation  # noqa: E402
+from common.backbones import load_backbone  # noqa: E402
+from common.cli import UsageError  # noqa: E402
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes become a UsageError (one line, exit 2) instead of usage + message."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = OneLineParser(prog="eval/knn.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="backbone.pt written by a method script [required]")
+    p.add_argument("--dataset", choices=data.DATASETS, default=None,
+                   help="dataset to evaluate on [default: the one stored in --ckpt]")
+    p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
+    p.add_argument("--k", type=int, default=200, help="neighbours per query [default: %(default)s]")
+    p.add_argument("--temperature", type=float, default=0.1,
+                   help="vote weight is exp(cosine / temperature) [default: %(default)s]")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [default: %(default)s]")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes [default: %(default)s, min(8, CPUs)]")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when present, else CPU [default: %(default)s]")
+    p.add_argument("--out", default=None, help="JSON result file [default: knn.json next to --ckpt]")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the --max-train subset (and of the synthetic images) [default: %(default)s]")
+    p.add_argument("--max-train", type=int, default=None,
+                   help="use a random subset of N training images as memory [default: all]")
+    return p
+
+
+def resolve_device(name):
+    """--device auto|cpu|cuda -> torch.device; cuda without a GPU is a UsageError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
+
+
+def run(argv=None):
+    args = build_parser().parse_args(argv)
+    for flag in ("k", "batch_size", "max_train"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.temperature <= 0:
+        raise UsageError(f"--temperature must be positive, got {args.temperature}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    device = resolve_device(args.device)
+    backbone, meta = load_backbone(args.ckpt)
+    args.dataset = args.dataset or meta.get("dataset")
+    if args.dataset is None:
+        raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
+
+    train_set = data.load_dataset(args.dataset, args.data_dir, "train", args.seed)
+    num_classes = train_set.num_classes
+    if not num_classes:
+        raise UsageError(f"{args.dataset} in {args.data_dir} has no labels: put the images in one sub-folder per class")
+    val_set = data.load_dataset(args.dataset, args.data_dir, "val", args.seed)
+    if val_set is None:
+        raise UsageError(f"{args.data_dir} has no val/ folder: add labelled validation images there")
+    if args.max_train is not None and args.max_train < len(train_set):
+        chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:args.max_train]
+        train_set = Subset(train_set, chosen.sort().values.tolist())
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    # Forward passes only, and features are cast back to float32: half precision is safe here.
+    ctx = dict(device=device, channels_last=cuda,
+               autocast=(lambda: torch.autocast("cuda", dtype=dtype)) if cuda else None)
+    backbone = backbone.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
+    plain = augment.val_transform(meta["image_size"], mean, std)
+    loaders = {split: data.eval_loader(dataset, plain, args.batch_size, args.workers, pin_memory=cuda)
+               for split, dataset in (("train", train_set), ("val", val_set))}
+    features = {split: evaluation.extract_features(backbone, tqdm(loader, desc=f"{split} features"), **ctx)
+                for split, loader in loaders.items()}
+    # The similarity search runs where the backbone ran: on a GPU it is a few matrix products.
+    (train_features, train_labels), (val_features, val_labels) = [
+        (f.to(device), y.to(device)) for f, y in (features["train"], features["val"])]
+    acc1, acc5 = evaluation.knn_accuracy(train_features, train_labels, val_features, val_labels, num_classes,
+                                         k=args.k, temperature=args.temperature)
+
+    result = {"acc1": acc1, "acc5": acc5, "k": args.k, "temperature": args.temperature, "dataset": args.dataset,
+              "ckpt": str(args.ckpt), "train_images": len(train_set), "val_images": len(val_set),
+              "backbone": meta["name"], "method": meta.get("method")}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "knn.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    temporary = f"{out}.tmp{os.getpid()}"
+    with open(temporary, "w") as file:
+        json.dump(result, file, indent=2)
+    os.replace(temporary, out)  # atomic: a reader never sees half a file
+    print(f"kNN (k={args.k}, T={args.temperature}) of {args.ckpt} on {args.dataset}: "
+          f"acc@1 {acc1:.2f}  acc@5 {acc5:.2f}  -> {out}")
+    return result
+
+
+def main(argv=None):
+    try:
+        run(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Offline linear evaluation of a frozen backbone.pt (solo-learn's protocol).
+
+A Linear(feature_dim, classes) layer is trained on frozen features with SGD (momentum 0.9),
+batch 256, 100 epochs, lr 0.1, weight decay 0, the lr divided by 10 at 60% and 80% of the
+epochs (epochs 60 and 80 of 100). Training images get RandomResizedCrop(scale 0.08-1) + flip,
+validation images the plain resize/crop. --fast extracts un-augmented features once and trains
+the layer on them: many epochs cost seconds, but without augmentation the numbers are not
+the protocol's, so report which mode was used (the JSON records it).
+
+    python eval/linear.py --ckpt runs/byol-cifar10/backbone.pt
+    python eval/linear.py --ckpt runs/byol-synthetic/backbone.pt --fast --epochs 30
+"""
+import argparse
+import json
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+# `python eval/linear.py` puts eval/ on sys.path, not the repository root that holds common/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from common import augment, data, evaluation  # noqa: E402
+from common.backbones import load_backbone  # noqa: E402
+from common.cli import UsageError  # noqa: E402
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes become a UsageError (one line, exit 2) instead of usage + message."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = OneLineParser(prog="eval/linear.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="backbone.pt written by a method script [required]")
+    p.add_argument("--dataset", choices=data.DATASETS, default=None,
+                   help="dataset to evaluate on [default: the one stored in --ckpt]")
+    p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
+    p.add_argument("--epochs", type=int, default=100, help="epochs of linear-layer training [default: %(default)s]")
+    p.add_argument("--batch-size", type=int, default=256, help="mini-batch size [default: %(default)s]")
+    p.add_argument("--lr", type=float, default=0.1,
+                   help="SGD learning rate, divided by 10 at 60%% and 80%% of the epochs [default: %(default)s]")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay [default: %(default)s]")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes [default: %(default)s, min(8, CPUs)]")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when present, else CPU [default: %(default)s]")
+    p.add_argument("--fast", action="store_true",
+                   help="train on features extracted once, without augmentation [default: off]")
+    p.add_argument("--out", default=None, help="JSON result file [default: linear.json next to --ckpt]")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the layer init, shuffling, augmentation, --max-train subset [default: %(default)s]")
+    p.add_argument("--max-train", type=int, default=None,
+                   help="train on a random subset of N images, for quick runs [default: all]")
+    return p
+
+
+def resolve_device(name):
+    """--device auto|cpu|cuda -> torch.device; cuda without a GPU is a UsageError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
+
+
+def load_splits(dataset, data_dir, seed, max_train):
+    """(train set or its --max-train subset, val set, num_classes); no labels or no val split: UsageError."""
+    train_set = data.load_dataset(dataset, data_dir, "train", seed)
+    if not train_set.num_classes:
+        raise UsageError(f"{dataset} in {data_dir} has no labels: put the images in one sub-folder per class")
+    num_classes = train_set.num_classes
+    val_set = data.load_dataset(dataset, data_dir, "val", seed)
+    if val_set is None:
+        raise UsageError(f"{data_dir} has no val/ folder: add labelled validation images there")
+    if max_train is not None and max_train < len(train_set):
+        chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:max_train]
+        train_set = Subset(train_set, chosen.sort().values.tolist())
+    return train_set, val_set, num_classes
+
+
+def train_transform(size, mean, std):
+    """solo-learn's linear-eval augmentation: RandomResizedCrop(scale 0.08-1) + flip, at every size."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+        v2.Lambda(augment.plain_tensor),
+    ])
+
+
+def step_lr(base_lr, epoch, epochs):
+    """Step decay x0.1 at 60% and 80% of training: epochs 60 and 80 of solo-learn's 100."""
+    milestones = (round(0.6 * epochs), round(0.8 * epochs))
+    return base_lr / 10 ** sum(epoch >= m for m in milestones)
+
+
+def write_json(result, path):
+    """Write `result` to a temporary file, then rename it to `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as file:
+        json.dump(result, file, indent=2)
+    os.replace(temporary, path)  # atomic: a reader never sees half a file
+
+
+def train_fast(args, backbone, probe, optimizer, train_loader, val_loader, device, ctx):
+    """Train on cached features; returns the per-epoch history."""
+    features, labels = evaluation.extract_features(backbone, tqdm(train_loader, desc="train features"), **ctx)
+    val_features, val_labels = evaluation.extract_features(backbone, tqdm(val_loader, desc="val features"), **ctx)
+    features, labels = features.to(device), labels.to(device)
+    val_features, val_labels = val_features.to(device), val_labels.to(device)
+    shuffle = torch.Generator().manual_seed(args.seed)
+    history = []
+    bar = tqdm(range(args.epochs), desc="linear (fast)")
+    for epoch in bar:
+        lr = step_lr(args.lr, epoch, args.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(len(features), generator=shuffle).to(device)
+        loss_sum, steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+        for start in range(0, len(order), args.batch_size):
+            batch = order[start:start + args.batch_size]
+            loss = F.cross_entropy(probe(features[batch]), labels[batch], ignore_index=-1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum, steps = loss_sum + loss.detach(), steps + 1
+        with torch.no_grad():
+            acc1, acc5 = evaluation.accuracy(probe(val_features), val_labels)
+        history.append({"epoch": epoch, "lr": lr, "loss": loss_sum.item() / max(steps, 1), "acc1": acc1, "acc5": acc5})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc1=f"{acc1:.2f}", acc5=f"{acc5:.2f}")
+    return history
+
+
+def train_full(args, backbone, probe, optimizer, train_loader, val_loader, device, ctx):
+    """Train on augmented images through the frozen backbone; returns the per-epoch history."""
+    history = []
+    bar = tqdm(range(args.epochs), desc="linear")
+    memory_format = torch.channels_last if ctx["channels_last"] else torch.contiguous_format
+    autocast = ctx["autocast"] or nullcontext
+    for epoch in bar:
+        lr = step_lr(args.lr, epoch, args.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+        for images, labels in tqdm(train_loader, desc=f"epoch {epoch}", leave=False):
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            with torch.no_grad(), autocast():
+                features = backbone(images)
+            loss = F.cross_entropy(probe(features.float()), labels.to(device), ignore_index=-1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum, steps = loss_sum + loss.detach(), steps + 1
+        scores = evaluation.probe_validate(backbone, probe, val_loader, **ctx)
+        history.append({"epoch": epoch, "lr": lr, "loss": loss_sum.item() / max(steps, 1), **scores})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc1=f"{scores['acc1']:.2f}", acc5=f"{scores['acc5']:.2f}")
+    return history
+
+
+def run(argv=None):
+    args = build_parser().parse_args(argv)
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.max_train is not None and args.max_train <= 0:
+        raise UsageError(f"--max-train must be positive, got {args.max_train}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    device = resolve_device(args.device)
+    backbone, meta = load_backbone(args.ckpt)
+    args.dataset = args.dataset or meta.get("dataset")
+    if args.dataset is None:
+        raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
+    torch.manual_seed(args.seed)
+    train_set, val_set, num_classes = load_splits(args.dataset, args.data_dir, args.seed, args.max_train)
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    # Frozen forward passes only: half precision needs no loss scaling here.
+    ctx = dict(device=device, channels_last=cuda,
+               autocast=(lambda: torch.autocast("cuda", dtype=dtype)) if cuda else None)
+    backbone = backbone.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).eval()
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+
+    size = meta["image_size"]
+    mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
+    plain = augment.val_transform(size, mean, std)
+    val_loader = data.eval_loader(val_set, plain, args.batch_size, args.workers, pin_memory=cuda)
+    probe = nn.Linear(meta["feature_dim"], num_classes).to(device)
+    optimizer = torch.optim.SGD(probe.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    if args.fast:
+        train_loader = data.eval_loader(train_set, plain, args.batch_size, args.workers, pin_memory=cuda)
+        history = train_fast(args, backbone, probe, optimizer, train_loader, val_loader, device, ctx)
+    else:
+        train_loader = DataLoader(data.TransformedDataset(train_set, train_transform(size, mean, std)),
+                                  batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                  pin_memory=cuda, persistent_workers=args.workers > 0,
+                                  generator=torch.Generator().manual_seed(args.seed))
+        history = train_full(args, backbone, probe, optimizer, train_loader, val_loader, device, ctx)
+
+    final = history[-1]
+    result = {"acc1": final["acc1"], "acc5": final["acc5"], "epochs": args.epochs, "dataset": args.dataset,
+              "ckpt": str(args.ckpt), "mode": "fast" if args.fast else "full", "lr": args.lr,
+              "weight_decay": args.weight_decay, "batch_size": args.batch_size, "train_images": len(train_set),
+              "val_images": len(val_set), "backbone": meta["name"], "method": meta.get("method"),
+              "history": history}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "linear.json")
+    write_json(result, out)
+    print(f"linear eval ({result['mode']}) of {args.ckpt} on {args.dataset}: "
+          f"acc@1 {final['acc1']:.2f}  acc@5 {final['acc5']:.2f}  -> {out}")
+    return result
+
+
+def main(argv=None):
+    try:
+        run(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""UMAP picture of a frozen backbone.pt's features on one split, coloured by label.
+
+At most --max-points images (a seeded random subset) go through the backbone, then UMAP
+(cosine metric, 15 neighbours, min_dist 0.1) maps their features to 2-D. The first UMAP fit
+of a Python process spends ~15 s compiling umap-learn's numba code.
+
+    python eval/umap.py --ckpt runs/byol-cifar10/backbone.pt
+    python eval/umap.py --ckpt runs/byol-cifar10/backbone.pt --split train --out train.png
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# `python eval/umap.py` puts eval/ on sys.path, not the repository root that holds common/.
+# eval/ must also leave sys.path: there this file would shadow umap-learn's `umap` package.
+_EVAL_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _EVAL_DIR]
+sys.path.insert(0, str(_EVAL_DIR.parent))
+
+import torch  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from common import augment, data, evaluation  # noqa: E402
+from common.backbones import load_backbone  # noqa: E402
+from common.cli import UsageError  # noqa: E402
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes become a UsageError (one line, exit 2) instead of usage + message."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser():
+    p = OneLineParser(prog="eval/umap.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="backbone.pt written by a method script [required]")
+    p.add_argument("--dataset", choices=data.DATASETS, default=None,
+                   help="dataset to draw [default: the one stored in --ckpt]")
+    p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
+    p.add_argument("--split", choices=("val", "train"), default="val", help="which split to draw [default: %(default)s]")
+    p.add_argument("--max-points", type=int, default=10000,
+                   help="draw a random subset of at most N images [default: %(default)s]")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [default: %(default)s]")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="data-loading processes [default: %(default)s, min(8, CPUs)]")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when present, else CPU [default: %(default)s]")
+    p.add_argument("--out", default=None, help="PNG file [default: umap-<split>.png next to --ckpt]")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the subset, of UMAP (and of the synthetic images) [default: %(default)s]")
+    return p
+
+
+def resolve_device(name):
+    """--device auto|cpu|cuda -> torch.device; cuda without a GPU is a UsageError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
+
+
+def run(argv=None):
+    args = build_parser().parse_args(argv)
+    for flag in ("max_points", "batch_size"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.max_points < 3:
+        raise UsageError(f"--max-points must be at least 3 for UMAP, got {args.max_points}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    device = resolve_device(args.device)
+    backbone, meta = load_backbone(args.ckpt)
+    args.dataset = args.dataset or meta.get("dataset")
+    if args.dataset is None:
+        raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
+    dataset = data.load_dataset(args.dataset, args.data_dir, args.split, args.seed)
+    if dataset is None:
+        raise UsageError(f"{args.data_dir} has no val/ folder: pass --split train")
+    if len(dataset) < 3:
+        raise UsageError(f"the {args.split} split of {args.dataset} has {len(dataset)} images: UMAP needs at least 3")
+    if len(dataset) > args.max_points:
+        # Subsample before the backbone, not after: features of images not drawn are wasted work.
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.max_points]
+        dataset = Subset(dataset, chosen.sort().values.tolist())
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    ctx = dict(device=device, channels_last=cuda,
+               autocast=(lambda: torch.autocast("cuda", dtype=dtype)) if cuda else None)
+    backbone = backbone.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
+    loader = data.eval_loader(dataset, augment.val_transform(meta["image_size"], mean, std), args.batch_size,
+                              args.workers, pin_memory=cuda)
+    features, labels = evaluation.extract_features(backbone, tqdm(loader, desc=f"{args.split} features"), **ctx)
+
+    from common.plots import umap_png  # umap-learn imports slowly: only once the features exist
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"umap-{args.split}.png")
+    print(f"fitting UMAP to {len(features)} features (the first fit compiles numba code: ~15 s)", flush=True)
+    umap_png(features, labels, out, f"{meta.get('method', '?')} {meta['name']}: {args.dataset} {args.split}",
+             max_points=args.max_points, seed=args.seed)
+    print(f"UMAP of {len(features)} {args.split} images of {args.dataset} -> {out}")
+    return out
+
+
+def main(argv=None):
+    try:
+        run(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

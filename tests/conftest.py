@@ -1,0 +1,34 @@
+"""Tests import the method scripts from the repository root and run them as subprocesses there."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_script(*argv, env=None, timeout=600, check=True):
+    """Run `python argv...` (or any command when argv[0] is an executable) from the repo root."""
+    cmd = [sys.executable, *argv] if str(argv[0]).endswith(".py") else list(argv)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+                **(env or {})}
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+                             f"--- stderr\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def torchrun(*argv, nproc=2, **kw):
+    """torchrun with nproc CPU processes (gloo) on a free local port."""
+    return run_script(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                      *argv, **kw)
+
+
+@pytest.fixture
+def run():
+    return run_script
