@@ -1,4 +1,5 @@
 """Tests import the method scripts from the repository root and run them as subprocesses there."""
+import json
 import os
 import subprocess
 import sys
@@ -32,3 +33,18 @@ def torchrun(*argv, nproc=2, **kw):
 @pytest.fixture
 def run():
     return run_script
+
+
+# A few steps on 64 synthetic images: 4 steps per epoch at batch 16, no kNN or UMAP (the slow parts).
+TINY = ["--dataset", "synthetic", "--train-subset", "64", "--batch-size", "16", "--workers", "0",
+        "--epochs", "3", "--log-every", "1", "--knn-every", "-1", "--umap-every", "-1"]
+
+
+def read_metrics(out_dir):
+    """The lines of a run's metrics.jsonl as dicts."""
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out_dir):
+    """{step: loss} of the per-step lines of metrics.jsonl."""
+    return {m["step"]: m["loss"] for m in read_metrics(out_dir) if m["type"] == "step"}

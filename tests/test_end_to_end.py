@@ -12,25 +12,13 @@ import torchvision
 
 from common import checkpoint
 from common.backbones import backbone_metadata, build_backbone, cifar_stem, load_backbone
-from conftest import ROOT, run_script, torchrun
-
-# A few steps on 64 synthetic images: 4 steps per epoch at batch 16.
-TINY = ["--dataset", "synthetic", "--train-subset", "64", "--batch-size", "16", "--workers", "0",
-        "--epochs", "3", "--log-every", "1", "--knn-every", "-1", "--umap-every", "-1"]
+from conftest import ROOT, TINY, read_metrics as metrics, run_script, step_losses, torchrun
 HEADS = {"simclr": ["--proj-hidden-dim", "32", "--proj-output-dim", "16"],
          "byol": ["--proj-hidden-dim", "32", "--proj-output-dim", "16", "--pred-hidden-dim", "32"]}
 
 
 def tiny(method, out_dir, *extra):
     return [f"{method}.py", *TINY, *HEADS[method], "--out-dir", out_dir, *extra]
-
-
-def metrics(out_dir):
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def step_losses(out_dir):
-    return {m["step"]: m["loss"] for m in metrics(out_dir) if m["type"] == "step"}
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol"])
