@@ -119,7 +119,12 @@ def build_data(args, run):
     """The pretraining loader (views, labels, indexes) and the labelled loaders for probe and kNN."""
     if args.data_backend != "torchvision":
         raise UsageError(f"--data-backend {args.data_backend} is not available yet: use torchvision")
+    if not run.is_main:
+        dist.barrier()  # rank 0 downloads (torchvision sets) before the others read
     train_set = data.load_dataset(args.dataset, args.data_dir, "train", args.seed)
+    val_set = data.load_dataset(args.dataset, args.data_dir, "val", args.seed) if train_set.num_classes else None
+    if run.is_main:
+        dist.barrier()
     if args.train_subset:  # the first N images: quick experiments and tests
         full, train_set = train_set, torch.utils.data.Subset(train_set, range(min(args.train_subset, len(train_set))))
         train_set.num_classes, train_set.image_size = full.num_classes, full.image_size
@@ -128,7 +133,6 @@ def build_data(args, run):
                                        num_small=args.num_small_crops, small_size=args.small_crop_size)
     loader = data.pretrain_loader(train_set, views, args.batch_size, args.workers, args.seed, run.rank,
                                   run.world_size, pin_memory=run.device.type == "cuda")
-    val_set = data.load_dataset(args.dataset, args.data_dir, "val", args.seed) if train_set.num_classes else None
     plain = augment.val_transform(args.crop_size, mean, std)
     eval_batch = max(args.batch_size, 256)
     return SimpleNamespace(
