@@ -100,8 +100,6 @@ def resolve(p, argv, method, recipes):
     args.out_dir = args.out_dir or os.path.join("runs", f"{method}-{args.dataset}")
     if args.channels_last is None:
         args.channels_last = args.backbone.startswith("resnet")
-    if args.small_crop_size is None:
-        args.small_crop_size = 18 if args.crop_size < 96 else 96
     for key in ("epochs", "batch_size"):
         if getattr(args, key) <= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
