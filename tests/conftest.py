@@ -25,9 +25,11 @@ def run_script(*argv, env=None, timeout=600, check=True):
 
 
 def torchrun(*argv, nproc=2, **kw):
-    """torchrun with nproc CPU processes (gloo) on a free local port."""
+    """torchrun with nproc CPU processes (gloo) on a free local port, one thread each (more would
+    oversubscribe the cores and make every collective wait on a descheduled thread)."""
+    env = {"OMP_NUM_THREADS": "1", **kw.pop("env", {})}
     return run_script(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                      *argv, **kw)
+                      *argv, env=env, **kw)
 
 
 @pytest.fixture

@@ -1,0 +1,169 @@
+"""Barlow Twins: Self-Supervised Learning via Redundancy Reduction (Zbontar et al., ICML 2021).
+
+Idea: no negatives, no predictor, no momentum encoder. The projections of two views are
+batch-normalised and their cross-correlation matrix (features x features, averaged over the batch)
+is pushed towards the identity: the diagonal to 1 (each feature agrees across views, so the
+representation is invariant to the augmentations) and the off-diagonal to 0 (different features
+carry different information, which rules out collapse to a few directions).
+
+Loss, with BN = per-feature (z - mean) / sqrt(var + 1e-5) over the batch of N images (no affine):
+    C = BN(z1)^T BN(z2) / N                                                (D x D)
+    L = scale * [ sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2 ]      (lambda 0.0051, scale 0.1)
+Under DDP the batch is the global one: the BN moments and C are sums over samples, all-reduced.
+
+    python barlow_twins.py --dataset synthetic                   # offline CPU demo, minutes
+    python barlow_twins.py --dataset cifar10                     # solo-learn CIFAR recipe
+    torchrun --nproc_per_node=4 barlow_twins.py --dataset imagenet100 --data-dir /data/imagenet100
+"""
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+from common import checkpoint, cli, dist, optim
+from common.backbones import build_backbone
+from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
+
+# ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
+RECIPES = {
+    "cifar": dict(backbone="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.3, weight_decay=1e-4,
+                  warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=32, proj_hidden_dim=2048,
+                  proj_output_dim=2048, lamb=0.0051, scale_loss=0.1),
+    "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=0.3, weight_decay=1e-4,
+                     warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, proj_hidden_dim=2048,
+                     proj_output_dim=2048, lamb=0.0051, scale_loss=0.1),
+    "synthetic": dict(backbone="resnet_narrow", epochs=12, batch_size=128, optimizer="lars", lr=0.3,
+                      weight_decay=1e-4, warmup_epochs=1, probe_lr=0.1, preset="asymmetric", crop_size=32,
+                      proj_hidden_dim=512, proj_output_dim=512, lamb=0.0051, scale_loss=0.1, workers=2),
+}
+
+
+def parse_args(argv=None):
+    p = cli.parser("barlow_twins", __doc__, RECIPES)
+    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
+    p.add_argument("--proj-output-dim", type=int, help="projector output width D (C is D x D)")
+    p.add_argument("--lamb", type=float, help="weight lambda of the off-diagonal (redundancy) term")
+    p.add_argument("--scale-loss", type=float, help="factor on the whole loss")
+    args = cli.resolve(p, argv, "barlow_twins", RECIPES)
+    if args.num_large_crops != 2 or args.num_small_crops:
+        raise cli.UsageError("barlow_twins trains on two views: use --num-large-crops 2 --num-small-crops 0")
+    return args
+
+
+# ---- heads ----
+def projector(in_dim, hidden_dim, out_dim):
+    """Linear-BN-ReLU-Linear-BN-ReLU-Linear (the paper's 3-layer projector)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class BarlowTwins(nn.Module):
+    """Backbone -> projector, plus the online linear probe on sg(features)."""
+
+    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector(feature_dim, hidden_dim, output_dim)
+        self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+
+    def forward(self, views):
+        feats = [self.backbone(v) for v in views]
+        return [self.projector(f) for f in feats], self.probe(feats[0].detach())
+
+
+# ---- loss ----
+def barlow_twins_loss(z1, z2, lamb=0.0051, scale_loss=0.1, eps=1e-5):
+    """L = scale_loss * [ sum_i (1 - C_ii)^2 + lamb * sum_{i != j} C_ij^2 ],  C = BN(z1)^T BN(z2) / N,
+    BN(z) = (z - mean) / sqrt(var + eps) per feature over the batch (biased variance, no affine).
+
+    z1, z2: (B, D) projections of this process's images. Under DDP, N is the global batch: the BN
+    moments and C are sums over samples, so each is all-reduced with its gradient (what the official
+    code gets from SyncBatchNorm and all_reduce(C) / global batch). Every rank then holds the loss of
+    the global batch and DDP's averaged gradients equal one process's on that batch."""
+    z = torch.stack([z1, z2]).float()  # (2, B, D): both views' sums travel in one all-reduce
+    n = z.shape[1] * dist.get_world_size()
+    mean = dist.all_reduce_sum_with_grad(z.sum(1, keepdim=True)) / n
+    centred = z - mean
+    var = dist.all_reduce_sum_with_grad(centred.pow(2).sum(1, keepdim=True)) / n
+    normed = centred / torch.sqrt(var + eps)
+    c = dist.all_reduce_sum_with_grad(normed[0].T @ normed[1]) / n
+    diag = torch.diagonal(c)
+    on_diag = (1 - diag).pow(2).sum()
+    off_diag = c.pow(2).sum() - diag.pow(2).sum()
+    return scale_loss * (on_diag + lamb * off_diag)
+
+
+# ---- training ----
+def train(args):
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    run = Run(args)
+    datasets = build_data(args, run)
+    backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
+    model = BarlowTwins(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, datasets.num_classes)
+    train_model = prepare_model(model, run)
+    groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
+                                exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
+    groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+
+    state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
+    epoch, step = 0, 0
+    if path := checkpoint.resume_path(args):
+        epoch, step, _ = checkpoint.load(path, "barlow_twins", state)
+        run.print(f"resumed from {path} at epoch {epoch}, step {step}")
+    steps_per_epoch = datasets.steps_per_epoch
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    last_pt = os.path.join(args.out_dir, "last.pt")
+    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "barlow_twins", args, epoch, step, state)
+
+    stop = "max_steps" if args.max_steps and step >= args.max_steps else None
+    while epoch < args.epochs and stop is None:
+        skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
+        model.train()
+        losses, images, start = [], 0, time.time()
+        bar = run.progress(datasets.loader, epoch)
+        for views, labels, indexes in bar:
+            lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
+            views = [run.to_device(v) for v in views]
+            labels = labels.to(run.device)
+            with run.autocast():
+                (z1, z2), logits = train_model(views)
+            loss = barlow_twins_loss(z1, z2, lamb=args.lamb, scale_loss=args.scale_loss)
+            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            step += 1
+            losses.append(loss.item())
+            images += len(labels) * run.world_size
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
+            if step % args.log_every == 0:
+                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
+            if run.should_stop():
+                stop = run.stop_signal or "signal"
+            if args.max_steps and step >= args.max_steps:
+                stop = "max_steps"
+            if stop:
+                break
+        finished_epoch = step == (epoch + 1) * steps_per_epoch
+        final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
+        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+            save(epoch, step)
+            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
+            break
+        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
+        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch += finished_epoch
+        save(epoch, step)
+    if stop in (None, "max_steps"):
+        finish(run, model.backbone, feature_dim)
+    run.close()
+
+
+def main(argv=None):
+    cli.run_main(lambda a: train(parse_args(a)), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""DeepCluster V2 (Caron et al., NeurIPS 2020, the SwAV paper's improved DeepCluster).
+
+Idea: alternate clustering and classification. A memory bank keeps, for every training image, the
+normalized embedding n(z) of each of its large crops from the last time the image was seen. At the
+start of every epoch, spherical k-means (on the unit sphere, cosine similarity) clusters the bank,
+once per head with its own number of clusters; each head's centroids become its frozen prototypes
+and each image's cluster becomes its pseudo-label. During the epoch every view of an image is
+classified by each head into its image's cluster. Several heads (3 k-means with different
+initialisations) smooth out the noise of any single clustering. Here the bank is filled by one
+pass over the data before epoch 0, so the first epoch already trains on real clusters.
+
+Loss, with z = n(proj(x)), C_h the unit centroids of head h, y_h(i) the cluster of image i, T = temperature:
+    L = 1/H sum_h mean_{views v, images i} CE(z_v[i] C_h^T / T, y_h(i))
+Head h clusters the bank of large crop h mod (number of large crops), like the official code.
+
+    python deepclusterv2.py --dataset synthetic                # offline CPU demo, minutes
+    python deepclusterv2.py --dataset cifar10                  # solo-learn CIFAR recipe
+    torchrun --nproc_per_node=4 deepclusterv2.py --dataset imagenet100 --data-dir /data/imagenet100
+"""
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import checkpoint, cli, dist, optim
+from common.backbones import build_backbone
+from common.data import mix_seed
+from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
+
+# ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
+RECIPES = {
+    "cifar": dict(backbone="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.6, weight_decay=1e-6,
+                  warmup_epochs=11, warmup_start_lr=0.0, min_lr=6e-4, probe_lr=0.1, preset="symmetric",
+                  crop_size=32, temperature=0.1, num_prototypes=[3000, 3000, 3000], kmeans_iters=10,
+                  proj_hidden_dim=2048, proj_output_dim=128),
+    "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=0.6, weight_decay=1e-6,
+                     warmup_epochs=11, warmup_start_lr=0.0, min_lr=6e-4, probe_lr=0.1, preset="symmetric",
+                     crop_size=224, temperature=0.1, num_prototypes=[3000, 3000, 3000], kmeans_iters=10,
+                     proj_hidden_dim=2048, proj_output_dim=128),
+    # 8000 images: 200 clusters of about 40 images, like 3000 clusters of about 17 on CIFAR's 50000.
+    "synthetic": dict(backbone="resnet_narrow", epochs=12, batch_size=128, optimizer="lars", lr=0.6,
+                      weight_decay=1e-6, warmup_epochs=1, warmup_start_lr=0.0, min_lr=6e-4, probe_lr=0.1,
+                      preset="symmetric", crop_size=32, temperature=0.1, num_prototypes=[200, 200, 200],
+                      kmeans_iters=10, proj_hidden_dim=512, proj_output_dim=128, workers=2),
+}
+
+
+def parse_args(argv=None):
+    p = cli.parser("deepclusterv2", __doc__, RECIPES)
+    p.add_argument("--temperature", type=float, help="softmax temperature T of the classification")
+    p.add_argument("--num-prototypes", type=int, nargs="+", help="clusters of each head (one number per head)")
+    p.add_argument("--kmeans-iters", type=int, help="spherical k-means iterations at every epoch start")
+    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
+    p.add_argument("--proj-output-dim", type=int, help="projector output width (z)")
+    return cli.resolve(p, argv, "deepclusterv2", RECIPES)
+
+
+# ---- heads ----
+class DeepClusterV2(nn.Module):
+    """Backbone -> projector (Linear-BN-ReLU-Linear) -> n(z); one frozen prototype layer per head (the k-means
+    centroids, copied in at every epoch start); the online probe on sg(features)."""
+
+    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_prototypes, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                                       nn.ReLU(inplace=True), nn.Linear(hidden_dim, output_dim))
+        self.prototypes = nn.ModuleList(nn.Linear(output_dim, k, bias=False) for k in num_prototypes)
+        self.prototypes.requires_grad_(False)
+        self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+
+    def forward(self, views):
+        """views: list of image batches, large crops first. Returns (n(z) per view, probe logits)."""
+        feats = [self.backbone(v) for v in views]
+        return [F.normalize(self.projector(f), dim=1) for f in feats], self.probe(feats[0].detach())
+
+
+# ---- loss and clustering ----
+def deepclusterv2_loss(z, prototypes, targets, temperature=0.1):
+    """z: one (B, D) tensor per view; prototypes: one (K_h, D) tensor of unit centroids per head (no gradient);
+    targets: (H, B) cluster of each image per head, -100 where unknown (ignored).
+    L = 1/H sum_h mean_{v, b} CE(n(z_v[b]) C_h^T / T, targets[h, b])"""
+    z = F.normalize(torch.cat(z).float(), dim=1)
+    if (targets < 0).all():  # nothing to learn from (and CE would be NaN); keeps the graph for DDP
+        return z.sum() * 0.0
+    losses = [F.cross_entropy(z @ c.detach().float().T / temperature, t.repeat(len(z) // len(t)), ignore_index=-100)
+              for c, t in zip(prototypes, targets)]
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def spherical_kmeans(x, centroids, iterations=10, chunk=8192):
+    """Spherical k-means of unit rows x (this rank's share of the data) from initial unit centroids (the same
+    on every rank). E-step: each row goes to its most similar centroid. M-step: a centroid becomes the
+    normalized sum of its rows, sums and counts all-reduced over ranks; a centroid left without rows keeps
+    its place. `iterations` M-steps, then a final E-step. Returns (centroids, assignments of x)."""
+    centroids = centroids.clone().float()
+    for it in range(iterations + 1):
+        assignments = torch.cat([(rows @ centroids.T).argmax(dim=1) for rows in x.split(chunk)])
+        if it == iterations:
+            return centroids, assignments
+        sums = dist.all_reduce_sum(torch.zeros_like(centroids).index_add_(0, assignments, x.float()))
+        counts = dist.all_reduce_sum(torch.bincount(assignments, minlength=len(centroids)))
+        centroids[counts > 0] = F.normalize(sums[counts > 0], dim=1)
+
+
+def update_bank(bank, filled, z, indexes):
+    """Write the n(z) of every rank's large crops (z: one (B, D) tensor per large crop) into the bank rows of
+    their dataset indexes, in place. Gathered from all ranks, so every rank holds the same bank."""
+    indexes = dist.gather(indexes)
+    for view, rows in enumerate(z):
+        bank[view, indexes] = dist.gather(rows.detach().float())
+    filled[indexes] = True
+
+
+def cluster_bank(bank, filled, num_prototypes, iterations=10, seed=0, epoch=0):
+    """Centroids and assignments of every head: head h runs spherical k-means on the bank of large crop
+    h mod V, from K_h distinct filled rows drawn by (seed, epoch, h). Each rank clusters a slice of the
+    rows and the sums are all-reduced, so every rank gets the same result. Returns (list of (K_h, D)
+    centroids, (H, N) assignments with -100 for rows never filled)."""
+    valid = filled.nonzero().squeeze(1)
+    mine = valid.tensor_split(dist.get_world_size())[dist.get_rank()]
+    assignments = torch.full((len(num_prototypes), len(filled)), -100, dtype=torch.long, device=bank.device)
+    centroids = []
+    for head, k in enumerate(num_prototypes):
+        view = bank[head % len(bank)]
+        generator = torch.Generator().manual_seed(mix_seed("kmeans", seed, epoch, head))
+        start = valid[torch.randperm(len(valid), generator=generator)[:k].to(valid.device)]
+        c, local = spherical_kmeans(view[mine], view[start], iterations)
+        spread = torch.zeros(len(filled), dtype=torch.long, device=bank.device)
+        spread[mine] = local
+        assignments[head, valid] = dist.all_reduce_sum(spread)[valid]
+        centroids.append(c)
+    return centroids, assignments
+
+
+# ---- training ----
+def train(args):
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    run = Run(args)
+    datasets = build_data(args, run)
+    seen = datasets.steps_per_epoch * args.batch_size * run.world_size  # images in the bank after one pass
+    if max(args.num_prototypes) > seen:
+        raise cli.UsageError(f"--num-prototypes {max(args.num_prototypes)} exceeds the {seen} images clustered "
+                             "per epoch: use fewer prototypes")
+    backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
+    model = DeepClusterV2(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, args.num_prototypes,
+                          datasets.num_classes)
+    train_model = prepare_model(model, run)
+    groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
+                                exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
+    groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    size = len(datasets.loader.dataset)
+    bank = torch.zeros(args.num_large_crops, size, args.proj_output_dim, device=run.device)
+    filled = torch.zeros(size, dtype=torch.bool, device=run.device)
+    assignments, assigned_epoch = None, -1  # the epoch whose start computed `assignments`
+
+    state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
+    epoch, step = 0, 0
+    if path := checkpoint.resume_path(args):
+        epoch, step, extra = checkpoint.load(path, "deepclusterv2", state)
+        if extra["bank"].shape != bank.shape:
+            raise cli.UsageError(f"{path} holds a memory bank of shape {tuple(extra['bank'].shape)}, not "
+                                 f"{tuple(bank.shape)}: resume with the same data, crops and --proj-output-dim")
+        bank, filled = extra["bank"].to(run.device), extra["filled"].to(run.device)
+        assignments, assigned_epoch = extra["assignments"].to(run.device), extra["assigned_epoch"]
+        run.print(f"resumed from {path} at epoch {epoch}, step {step}")
+    else:  # one pass without training, so that epoch 0 already has clusters to learn
+        datasets.loader.sampler.set_epoch(0)
+        model.train()
+        with torch.no_grad(), run.autocast():
+            for views, _, indexes in run.progress(datasets.loader, "0 (filling the memory bank)"):
+                z, _ = model([run.to_device(v) for v in views[:args.num_large_crops]])
+                update_bank(bank, filled, z, indexes.to(run.device))
+    steps_per_epoch = datasets.steps_per_epoch
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    last_pt = os.path.join(args.out_dir, "last.pt")
+    save = lambda epoch, step: run.is_main and checkpoint.save(
+        last_pt, "deepclusterv2", args, epoch, step, state,
+        extra={"bank": bank.cpu(), "filled": filled.cpu(), "assignments": assignments.cpu(),
+               "assigned_epoch": assigned_epoch})
+
+    stop = "max_steps" if args.max_steps and step >= args.max_steps else None
+    while epoch < args.epochs and stop is None:
+        if assigned_epoch != epoch:  # not when resuming mid-epoch: that epoch's clusters are in last.pt
+            centroids, assignments = cluster_bank(bank, filled, args.num_prototypes, args.kmeans_iters, args.seed,
+                                                  epoch)
+            with torch.no_grad():
+                for layer, c in zip(model.prototypes, centroids):
+                    layer.weight.copy_(c)
+            assigned_epoch = epoch
+        skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
+        model.train()
+        losses, images, start = [], 0, time.time()
+        bar = run.progress(datasets.loader, epoch)
+        for views, labels, indexes in bar:
+            lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
+            views = [run.to_device(v) for v in views]
+            labels, indexes = labels.to(run.device), indexes.to(run.device)
+            with run.autocast():
+                z, logits = train_model(views)
+            loss = deepclusterv2_loss(z, [layer.weight for layer in model.prototypes], assignments[:, indexes],
+                                      temperature=args.temperature)
+            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            update_bank(bank, filled, z[:args.num_large_crops], indexes)
+            step += 1
+            losses.append(loss.item())
+            images += len(labels) * run.world_size
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
+            if step % args.log_every == 0:
+                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
+            if run.should_stop():
+                stop = run.stop_signal or "signal"
+            if args.max_steps and step >= args.max_steps:
+                stop = "max_steps"
+            if stop:
+                break
+        finished_epoch = step == (epoch + 1) * steps_per_epoch
+        final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
+        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+            save(epoch, step)
+            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
+            break
+        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
+        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch += finished_epoch
+        save(epoch, step)
+    if stop in (None, "max_steps"):
+        finish(run, model.backbone, feature_dim)
+    run.close()
+
+
+def main(argv=None):
+    cli.run_main(lambda a: train(parse_args(a)), argv)
+
+
+if __name__ == "__main__":
+    main()

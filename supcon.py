@@ -1,0 +1,167 @@
+"""SupCon: Supervised Contrastive Learning (Khosla, Teterwak, Wang, Sarna, Tian, Isola, Maschinot, Liu and
+Krishnan, NeurIPS 2020).
+
+Idea: SimCLR with labels. Every view of every image with the same class label (across all GPUs) is a
+positive of a view, not only the other views of its own image; all remaining views are negatives. It is
+supervised pretraining with a contrastive loss, an upper reference for the self-supervised methods.
+
+Loss, for the set A of all views, A(i) = A \\ {i}, P(i) = views in A(i) with view i's label, s = cosine similarity,
+p_ia = exp(s(z_i, z_a)/T) / sum_{a' in A(i)} exp(s(z_i, z_a')/T), T = 0.2:
+    L_out = -1/|A| sum_i 1/|P(i)| sum_{p in P(i)} log p_ip        (default: the paper's recommended form)
+    L_in  = -1/|A| sum_i log( 1/|P(i)| sum_{p in P(i)} p_ip )     (--supcon-form in)
+By Jensen L_in <= L_out. The paper finds L_out trains better: the 1/|P(i)| outside the log weights every
+positive alike in the gradient, while inside it the easiest positives dominate. solo-learn computes L_in
+(its SupCon calls its SimCLR loss with labels as ids: -log(sum_p exp / sum_{a != i} exp), i.e. L_in without the
+1/|P(i)|, a constant log|P(i)| lower, same gradient). With one label per image both equal SimCLR's NT-Xent.
+
+    python supcon.py --dataset synthetic                       # offline CPU demo, minutes
+    python supcon.py --dataset cifar10                         # solo-learn CIFAR recipe
+    torchrun --nproc_per_node=4 supcon.py --dataset imagenet100 --data-dir /data/imagenet100
+"""
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import checkpoint, cli, dist, optim
+from common.backbones import build_backbone
+from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
+
+# ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
+RECIPES = {
+    "cifar": dict(backbone="resnet18", epochs=1000, batch_size=256, optimizer="sgd", lr=0.4, weight_decay=1e-5,
+                  warmup_epochs=10, probe_lr=0.1, preset="symmetric", crop_size=32, temperature=0.2,
+                  supcon_form="out", proj_hidden_dim=2048, proj_output_dim=256),
+    "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="sgd", lr=0.4, weight_decay=1e-5,
+                     warmup_epochs=10, probe_lr=0.1, preset="symmetric", crop_size=224, temperature=0.2,
+                     supcon_form="out", proj_hidden_dim=2048, proj_output_dim=256),
+    "synthetic": dict(backbone="resnet_narrow", epochs=12, batch_size=128, optimizer="sgd", lr=0.4,
+                      weight_decay=1e-5, warmup_epochs=1, probe_lr=0.1, preset="symmetric", crop_size=32,
+                      temperature=0.2, supcon_form="out", proj_hidden_dim=512, proj_output_dim=128, workers=2),
+}
+
+
+def parse_args(argv=None):
+    p = cli.parser("supcon", __doc__, RECIPES)
+    p.add_argument("--temperature", type=float, help="softmax temperature T")
+    p.add_argument("--supcon-form", choices=("out", "in"),
+                   help="out: mean of log-probabilities over the positives (paper); in: log of their mean (solo-learn)")
+    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
+    p.add_argument("--proj-output-dim", type=int, help="projector output width (z)")
+    return cli.resolve(p, argv, "supcon", RECIPES)
+
+
+# ---- heads ----
+class SupCon(nn.Module):
+    """Backbone -> projector (Linear-ReLU-Linear, no BN) and the online linear probe on sg(features)."""
+
+    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True),
+                                       nn.Linear(hidden_dim, output_dim))
+        self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+
+    def forward(self, views):
+        feats = [self.backbone(v) for v in views]
+        z = torch.cat([self.projector(f) for f in feats])
+        return z, self.probe(feats[0].detach())
+
+
+# ---- loss ----
+def supcon_loss(z, labels, temperature=0.2, form="out"):
+    """Supervised contrastive loss. z: (N, D) projections of all views (all ranks); labels: (N,) class of each
+    row's image; every row needs a positive (another view). p_ia = softmax_{a != i}(cos(z_i, z_a) / T)_a;
+    form "out": L = -mean_i mean_{p in P(i)} log p_ip;  form "in": L = -mean_i log mean_{p in P(i)} p_ip."""
+    if form not in ("out", "in"):
+        raise ValueError(f"form must be 'out' or 'in', got {form!r}")
+    z = F.normalize(z.float(), dim=1)
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    log_prob = (z @ z.T / temperature).masked_fill(self_mask, float("-inf")).log_softmax(dim=1)
+    if form == "out":
+        per_row = log_prob.masked_fill(~positives, 0).sum(1) / positives.sum(1)
+    else:  # log of the mean probability, computed in log space for stability
+        per_row = log_prob.masked_fill(~positives, float("-inf")).logsumexp(1) - positives.sum(1).log()
+    return -per_row.mean()
+
+
+# ---- training ----
+def train(args):
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    run = Run(args)
+    datasets = build_data(args, run)
+    if not datasets.num_classes:
+        raise cli.UsageError(f"supcon needs labels and --dataset {args.dataset} has none here: "
+                             "put the images in one sub-folder per class")
+    backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
+    model = SupCon(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, datasets.num_classes)
+    train_model = prepare_model(model, run)
+    groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
+                                exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
+    groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+
+    state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
+    epoch, step = 0, 0
+    if path := checkpoint.resume_path(args):
+        epoch, step, _ = checkpoint.load(path, "supcon", state)
+        run.print(f"resumed from {path} at epoch {epoch}, step {step}")
+    steps_per_epoch = datasets.steps_per_epoch
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    last_pt = os.path.join(args.out_dir, "last.pt")
+    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "supcon", args, epoch, step, state)
+
+    stop = "max_steps" if args.max_steps and step >= args.max_steps else None
+    while epoch < args.epochs and stop is None:
+        skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
+        model.train()
+        losses, images, start = [], 0, time.time()
+        bar = run.progress(datasets.loader, epoch)
+        for views, labels, indexes in bar:
+            lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
+            views = [run.to_device(v) for v in views]
+            labels = labels.to(run.device)
+            with run.autocast():
+                z, logits = train_model(views)
+            # all views of all ranks with their labels: each rank computes the same global loss
+            loss = supcon_loss(dist.gather(z), dist.gather(labels.repeat(len(views))),
+                               temperature=args.temperature, form=args.supcon_form)
+            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            step += 1
+            losses.append(loss.item())
+            images += len(labels) * run.world_size
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
+            if step % args.log_every == 0:
+                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
+            if run.should_stop():
+                stop = run.stop_signal or "signal"
+            if args.max_steps and step >= args.max_steps:
+                stop = "max_steps"
+            if stop:
+                break
+        finished_epoch = step == (epoch + 1) * steps_per_epoch
+        final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
+        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+            save(epoch, step)
+            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
+            break
+        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
+        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch += finished_epoch
+        save(epoch, step)
+    if stop in (None, "max_steps"):
+        finish(run, model.backbone, feature_dim)
+    run.close()
+
+
+def main(argv=None):
+    cli.run_main(lambda a: train(parse_args(a)), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""W-MSE: Whitening for Self-Supervised Representation Learning (Ermolov et al., ICML 2021).
+
+Idea: instead of negatives, whiten the embeddings of each view (decorrelate them and scale them to
+unit variance over a sub-batch) and only then pull positives together. A whitened batch cannot
+collapse: its covariance is the identity by construction, so the points are spread over a sphere,
+and the MSE between whitened views is free of the trivial solution.
+
+Whitening, for a chunk of S rows of one view's z (S > D): Cov = (z - mean)^T (z - mean) / (S - 1) =
+L L^T (Cholesky, in float32) and w = L^{-1} (z - mean), so that Cov(w) = I. Each iteration draws a
+random partition of the batch into chunks of --whitening-size (the same rows for every view); the
+loss averages over iterations and over the V(V-1)/2 pairs of views:
+    L = mean_{iterations, pairs (a, b)} [ 2 - 2 * mean_i cos(w_a,i, w_b,i) ]
+Under DDP each process whitens its own batch, as the official code (single GPU) and solo-learn do.
+
+    python wmse.py --dataset synthetic                           # offline CPU demo, minutes
+    python wmse.py --dataset cifar10                             # solo-learn CIFAR recipe
+    torchrun --nproc_per_node=4 wmse.py --dataset imagenet100 --data-dir /data/imagenet100
+"""
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import checkpoint, cli, optim
+from common.backbones import build_backbone
+from common.data import mix_seed
+from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
+
+# ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
+RECIPES = {
+    "cifar": dict(backbone="resnet18", epochs=1000, batch_size=256, optimizer="adam", lr=2e-3, weight_decay=1e-6,
+                  warmup_epochs=10, warmup_start_lr=0.0, probe_lr=3e-3, preset="wmse", crop_size=32,
+                  proj_hidden_dim=1024, proj_output_dim=64, whitening_size=128, whitening_iters=1,
+                  whitening_eps=0.0),
+    "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="adam", lr=2e-3, weight_decay=1e-6,
+                     warmup_epochs=10, warmup_start_lr=0.0, probe_lr=3e-3, preset="wmse", crop_size=224,
+                     proj_hidden_dim=1024, proj_output_dim=64, whitening_size=128, whitening_iters=1,
+                     whitening_eps=0.0),
+    "synthetic": dict(backbone="resnet_narrow", epochs=12, batch_size=128, optimizer="adam", lr=2e-3,
+                      weight_decay=1e-6, warmup_epochs=1, warmup_start_lr=0.0, probe_lr=3e-3, preset="wmse",
+                      crop_size=32, proj_hidden_dim=512, proj_output_dim=32, whitening_size=64, whitening_iters=1,
+                      whitening_eps=0.0, workers=2),
+}
+
+
+def parse_args(argv=None):
+    p = cli.parser("wmse", __doc__, RECIPES)
+    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
+    p.add_argument("--proj-output-dim", type=int, help="projector output width D (the whitened dimension)")
+    p.add_argument("--whitening-size", type=int, help="rows per whitened chunk; divides the per-process batch")
+    p.add_argument("--whitening-iters", type=int, help="random chunk partitions per step (losses averaged)")
+    p.add_argument("--whitening-eps", type=float, help="shrinks the covariance towards I: (1 - eps) Cov + eps I")
+    args = cli.resolve(p, argv, "wmse", RECIPES)
+    if args.num_large_crops < 2 or args.num_small_crops:
+        raise cli.UsageError("wmse trains on large crops only: use --num-large-crops 2 (or more) --num-small-crops 0")
+    if args.batch_size % args.whitening_size:
+        raise cli.UsageError(f"--batch-size {args.batch_size} is not divisible by --whitening-size "
+                             f"{args.whitening_size}: pick a whitening size that divides the per-process batch")
+    if args.whitening_size <= args.proj_output_dim:
+        raise cli.UsageError(f"--whitening-size {args.whitening_size} must exceed --proj-output-dim "
+                             f"{args.proj_output_dim}, else the chunk covariance is singular")
+    return args
+
+
+# ---- heads ----
+def projector(in_dim, hidden_dim, out_dim):
+    """Linear-BN-ReLU-Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class WMSE(nn.Module):
+    """Backbone -> projector, plus the online linear probe on sg(features)."""
+
+    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector(feature_dim, hidden_dim, output_dim)
+        self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+
+    def forward(self, views):
+        feats = [self.backbone(v) for v in views]
+        return [self.projector(f) for f in feats], self.probe(feats[0].detach())
+
+
+# ---- loss ----
+def whiten(z, eps=0.0):
+    """Whiten the rows of z (..., S, D), each leading index a separate set: w = L^{-1} (z - mean) with
+    L L^T = (1 - eps) Cov + eps I the Cholesky factorisation of the unbiased covariance over the S rows.
+    In float32 whatever the autocast (Cholesky in half precision fails), so Cov(w) = I (for eps 0)."""
+    with torch.autocast(z.device.type, enabled=False):
+        centred = z.float() - z.float().mean(-2, keepdim=True)
+        cov = centred.mT @ centred / (z.shape[-2] - 1)
+        eye = torch.eye(z.shape[-1], device=z.device)
+        factor = torch.linalg.cholesky((1 - eps) * cov + eps * eye)
+        return torch.linalg.solve_triangular(factor, centred.mT, upper=False).mT
+
+
+def wmse_loss(z, whitening_size=128, whitening_iters=1, eps=0.0):
+    """L = mean over whitening_iters partitions and over view pairs (a, b) of 2 - 2 * mean_i cos(w_a,i, w_b,i),
+    w = whiten(z) within chunks of whitening_size rows, each view separately, the same rows for every view.
+
+    z: list of V >= 2 tensors (B, D), row i of each from the same image. The partitions come from
+    torch.randperm on the global CPU generator: seed it to reproduce a loss."""
+    b, d = z[0].shape
+    if b % whitening_size:
+        raise cli.UsageError(f"a batch of {b} rows cannot be cut into whitening chunks of {whitening_size}: "
+                             f"pick a --whitening-size that divides the per-process batch")
+    total, terms = 0.0, 0
+    for _ in range(whitening_iters):
+        perm = torch.randperm(b).to(z[0].device)
+        w = [whiten(v[perm].view(b // whitening_size, whitening_size, d), eps) for v in z]
+        for i in range(len(w)):
+            for j in range(i + 1, len(w)):
+                total = total + 2 - 2 * F.cosine_similarity(w[i], w[j], dim=-1).mean()
+                terms += 1
+    return total / terms
+
+
+# ---- training ----
+def train(args):
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    run = Run(args)
+    datasets = build_data(args, run)
+    backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
+    model = WMSE(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, datasets.num_classes)
+    train_model = prepare_model(model, run)
+    groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
+                                exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
+    groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+
+    state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
+    epoch, step = 0, 0
+    if path := checkpoint.resume_path(args):
+        epoch, step, _ = checkpoint.load(path, "wmse", state)
+        run.print(f"resumed from {path} at epoch {epoch}, step {step}")
+    steps_per_epoch = datasets.steps_per_epoch
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    last_pt = os.path.join(args.out_dir, "last.pt")
+    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "wmse", args, epoch, step, state)
+
+    stop = "max_steps" if args.max_steps and step >= args.max_steps else None
+    while epoch < args.epochs and stop is None:
+        skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
+        model.train()
+        losses, images, start = [], 0, time.time()
+        bar = run.progress(datasets.loader, epoch)
+        for views, labels, indexes in bar:
+            lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
+            views = [run.to_device(v) for v in views]
+            labels = labels.to(run.device)
+            with run.autocast():
+                z, logits = train_model(views)
+            # chunks a function of (seed, step, rank) alone: a run resumed mid-epoch draws the same ones
+            torch.manual_seed(mix_seed("wmse", args.seed, step, run.rank))
+            loss = wmse_loss(z, args.whitening_size, args.whitening_iters, args.whitening_eps)
+            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            step += 1
+            losses.append(loss.item())
+            images += len(labels) * run.world_size
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
+            if step % args.log_every == 0:
+                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
+            if run.should_stop():
+                stop = run.stop_signal or "signal"
+            if args.max_steps and step >= args.max_steps:
+                stop = "max_steps"
+            if stop:
+                break
+        finished_epoch = step == (epoch + 1) * steps_per_epoch
+        final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
+        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+            save(epoch, step)
+            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
+            break
+        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
+        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch += finished_epoch
+        save(epoch, step)
+    if stop in (None, "max_steps"):
+        finish(run, model.backbone, feature_dim)
+    run.close()
+
+
+def main(argv=None):
+    cli.run_main(lambda a: train(parse_args(a)), argv)
+
+
+if __name__ == "__main__":
+    main()
