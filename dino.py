@@ -162,7 +162,7 @@ def dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=0.07):
 def update_center(center, teacher, momentum=0.9):
     """c <- m c + (1 - m) mean of the teacher logits (rows of every view; all-reduced over ranks, so
     every rank holds the same center). teacher: (..., K). Returns the new center."""
-    batch_mean = (teacher.float().reshape(-1, teacher.shape[-1]).mean(dim=0))
+    batch_mean = dist.all_reduce_mean(teacher.float().reshape(-1, teacher.shape[-1]).mean(dim=0))
     return center * momentum + batch_mean * (1 - momentum)
 
 

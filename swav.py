@@ -91,6 +91,7 @@ class SwAV(nn.Module):
 
 # ---- loss ----
 def _global_max(x):
+    """Element-wise max of x over ranks (no gradient)."""
     x = x.detach().clone()
     if dist.is_distributed():
         torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
@@ -104,15 +105,17 @@ def sinkhorn_knopp(scores, epsilon=0.05, iterations=3):
     rows (prototypes) to 1/K each, then columns (samples) to 1/B each; returned as B * Q^T. So every
     sample's codes sum to 1, and right before the last column step every prototype held B/K samples.
     All sums over samples are all-reduced: 2 ranks give the codes of 1 process on the joint batch."""
-    logits = scores.float() / epsilon
-    q = torch.exp(logits - _global_max(logits.max())).T  # a global constant: cancels in the first scaling
+    logits = scores.double() / epsilon  # float64: exp(s / eps) keeps its range down to e^-700 for small eps
+    # Shifting each prototype's row by its max over all samples scales that row of Q by a constant, which
+    # the first row normalization undoes exactly.
+    q = torch.exp(logits - _global_max(logits.max(dim=0).values)).T
     num_prototypes = q.shape[0]
-    num_samples = dist.all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    num_samples = dist.all_reduce_sum(torch.tensor(float(q.shape[1]), dtype=q.dtype, device=q.device))
     q /= dist.all_reduce_sum(q.sum())
     for _ in range(iterations):
         q /= dist.all_reduce_sum(q.sum(dim=1, keepdim=True)) * num_prototypes
         q /= q.sum(dim=0, keepdim=True) * num_samples
-    return (q * num_samples).T
+    return (q * num_samples).T.float()
 
 
 def swav_loss(scores, queue_scores=None, num_large_crops=2, temperature=0.1, epsilon=0.05, sinkhorn_iters=3):

@@ -238,10 +238,24 @@ def exported_state(fmt, net, meta, fc):
             "matching_heuristics": True}
 
 
+def peek_metadata(path):
+    """backbone.pt's metadata without building the model (memory-mapped, so the weights are not read),
+    or None when the file is unreadable: load_backbone then names the problem."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(ckpt, dict) or "backbone" not in ckpt:
+        return None
+    return {k: v for k, v in ckpt.items() if k != "backbone"}
+
+
 def export(ckpt, fmt, out=None, fc=True):
-    """Write --out and --out.json; returns the metadata written."""
-    net, meta = load_backbone(ckpt)
+    """Write --out and --out.json; returns (out, the metadata written)."""
     out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), DEFAULT_NAMES[fmt])
+    if (peeked := peek_metadata(ckpt)) is not None:
+        check_supported(fmt, peeked, out)  # refuse before paying for building the model
+    net, meta = load_backbone(ckpt)
     check_supported(fmt, meta, out)
     fc = fc and fmt == "torchvision"
     obj = exported_state(fmt, net, meta, fc)

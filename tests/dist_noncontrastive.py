@@ -22,37 +22,39 @@ def global_batch(seed):
 
 
 def model_and_views(out_dim):
-    """The same linear layer as the test builds (seed 0), and this rank's rows of both views."""
+    """The same linear layer as the test builds (seed 0) wrapped in DDP, and this rank's rows of both
+    views. The wrapper is returned so that it lives through backward: its hooks average the gradients."""
     torch.manual_seed(0)
     model = torch.nn.Linear(D_IN, out_dim)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     rank, world = dist.get_rank(), dist.get_world_size()
     local = slice(rank * N // world, (rank + 1) * N // world)
-    return model, ddp(global_batch(1)[local]), ddp(global_batch(2)[local])
+    z1, z2 = ddp(torch.cat([global_batch(1)[local], global_batch(2)[local]])).chunk(2)  # one DDP forward per step
+    return ddp, z1, z2
 
 
-def result(model, loss):
+def result(ddp, loss):
     loss.backward()
-    return {"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}
+    return {"loss": loss.detach(), "grads": [p.grad for p in ddp.module.parameters()]}
 
 
 def check_barlow_twins():
     from barlow_twins import barlow_twins_loss
-    model, z1, z2 = model_and_views(5)
-    return result(model, barlow_twins_loss(z1, z2, lamb=0.3, scale_loss=0.5))
+    ddp, z1, z2 = model_and_views(5)
+    return result(ddp, barlow_twins_loss(z1, z2, lamb=0.3, scale_loss=0.5))
 
 
 def check_vicreg():
     from vicreg import vicreg_loss
-    model, z1, z2 = model_and_views(5)
-    return result(model, vicreg_loss(z1, z2, sim_coeff=2.0, std_coeff=3.0, cov_coeff=4.0))
+    ddp, z1, z2 = model_and_views(5)
+    return result(ddp, vicreg_loss(z1, z2, sim_coeff=2.0, std_coeff=3.0, cov_coeff=4.0))
 
 
 def check_wmse():
     from wmse import wmse_loss
-    model, z1, z2 = model_and_views(3)
+    ddp, z1, z2 = model_and_views(3)
     # one chunk per rank (4 rows): the partition cannot change the loss, so no seed is needed
-    return result(model, wmse_loss([z1, z2], whitening_size=4, whitening_iters=2))
+    return result(ddp, wmse_loss([z1, z2], whitening_size=4, whitening_iters=2))
 
 
 if __name__ == "__main__":
