@@ -114,9 +114,10 @@ def detectron2_model(state):
 
 def timm_kwargs(name, image_size):
     """The timm.create_model keyword arguments that common.backbones.build_backbone uses for `name`."""
-    kwargs = dict(num_classes=0, img_size=image_size, dynamic_img_size=name.startswith("vit"))
+    vit = name.startswith("vit")
+    kwargs = dict(num_classes=0, img_size=image_size, dynamic_img_size=vit)
     if image_size < 64:
-        kwargs.update(patch_size=4) if name.startswith("vit") else kwargs.update(patch_size=2, window_size=4)
+        kwargs.update(dict(patch_size=4) if vit else dict(patch_size=2, window_size=4))
     return kwargs
 
 
@@ -131,12 +132,11 @@ def normalization(dataset):
             "std_255": [round(255 * s, 3) for s in std], "channels": "RGB"}
 
 
-def _stem_lines(meta, indent=""):
+def _stem_lines(meta):
     if not meta["cifar_stem"]:
         return []
-    return [f"{indent}model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)"
-            "  # CIFAR stem",
-            f"{indent}model.maxpool = torch.nn.Identity()"]
+    return ["model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)  # CIFAR stem",
+            "model.maxpool = torch.nn.Identity()"]
 
 
 def loading_code(fmt, meta, path, fc):
@@ -160,10 +160,12 @@ def loading_code(fmt, meta, path, fc):
 
 def detectron2_yaml(meta, path):
     """The config lines a Detectron2 FPN config (e.g. faster_rcnn_R_50_FPN_1x.yaml) needs for these weights."""
-    norm = meta["normalization"] or normalization("imagenet")
+    norm, source = meta["normalization"], "the pretraining normalization"
+    if norm is None:
+        norm, source = normalization("imagenet"), "dataset unknown: ImageNet's assumed"
     depth = STOCK_RESNETS[meta["backbone"]]
     lines = ["MODEL:", f"  WEIGHTS: \"{os.path.abspath(path)}\"",
-             f"  PIXEL_MEAN: {norm['mean_255']}  # RGB, 0-255: the pretraining normalization",
+             f"  PIXEL_MEAN: {norm['mean_255']}  # RGB, 0-255: {source}",
              f"  PIXEL_STD: {norm['std_255']}",
              "  RESNETS:", f"    DEPTH: {depth}"]
     if depth == 18:

@@ -82,6 +82,7 @@ PUBLISHED = {
 TITLES = {"cifar10": "CIFAR-10, ResNet-18 (CIFAR stem), 1000 epochs",
           "cifar100": "CIFAR-100, ResNet-18 (CIFAR stem), 1000 epochs",
           "imagenet100": "ImageNet-100, ResNet-18, the ImageNet-size recipe (400 epochs in solo-learn)"}
+PUBLISHED_EPOCHS = {"cifar10": 1000, "cifar100": 1000, "imagenet100": 400}
 # solo-learn's published runs all use a global batch of 256 (CIFAR: 256 on one GPU; ImageNet-100: 2 x 128).
 GLOBAL_BATCH = 256
 
@@ -102,9 +103,10 @@ def build_parser():
     p.add_argument("--epochs", type=int, default=None,
                    help="override the recipes' pretraining epochs, for a quick check [default: the recipe's]")
     p.add_argument("--pretrain-args", default="",
-                   help='extra flags for every method script, e.g. "--workers 16" [default: none]')
+                   help='extra flags for every method script, given with "=": --pretrain-args="--workers 16" '
+                        '[default: none]')
     p.add_argument("--linear-args", default="",
-                   help='extra flags for eval/linear.py, e.g. "--workers 16" [default: none]')
+                   help='extra flags for eval/linear.py, given with "=": --linear-args="--workers 16" [default: none]')
     p.add_argument("--dry-run", action="store_true", help="print the commands that would run, run nothing")
     return p
 
@@ -195,16 +197,19 @@ class Interrupted(Exception):
 def execute(command):
     """Run a command to its end; returns its exit status. A SIGTERM sent to us is passed on to it (a
     terminal's Ctrl-C reaches it directly), and we wait for it to checkpoint instead of killing it."""
-    signals = []
-    process = subprocess.Popen(command)
+    signals, process = [], None
 
     def forward(signum, frame):
         signals.append(signum)
-        if signum != signal.SIGINT and process.poll() is None:
+        if signum != signal.SIGINT and process is not None and process.poll() is None:
             process.send_signal(signum)
 
+    # Handlers first: a signal arriving while the script starts must not kill us and orphan it.
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        process = subprocess.Popen(command)
+        if signal.SIGTERM in signals:
+            process.send_signal(signal.SIGTERM)
         code = process.wait()
     finally:
         for s, handler in previous.items():
@@ -264,6 +269,10 @@ def table(args, notes):
         note = notes.get(method) or {"done": "", "pretrained": "linear evaluation pending",
                                      "resume": "pretraining unfinished", "new": "not run yet",
                                      "missing": f"{method}.py missing: skipped"}[state(args, method)]
+        if mine.get("epochs", PUBLISHED_EPOCHS[args.table]) != PUBLISHED_EPOCHS[args.table]:
+            n = mine["epochs"]
+            note = "; ".join(filter(None, [note, f"pretrained {n} epoch{'s' * (n != 1)}, not "
+                                                 f"{PUBLISHED_EPOCHS[args.table]}"]))
         if mine.get("linear_mode") == "fast":
             note = "; ".join(filter(None, [note, "linear eval in --fast mode"]))
         rows.append(f"| {NAMES[method]} | {cell(published.get('online'))} | {cell(mine.get('online'), published.get('online'))} "
@@ -331,7 +340,8 @@ def reproduce(args):
                 code = execute(command)
             except Interrupted as e:
                 write_table(args, notes)
-                print(f"{e} received: {method} saved its progress; rerun the same command to continue", file=sys.stderr)
+                print(f"{e} received: stopped during {method}'s {what}; rerun the same command to continue "
+                      f"(pretraining resumes from its last.pt)", file=sys.stderr)
                 return 130
             if code == 2:  # the script rejected its input: every other method would too
                 write_table(args, notes)

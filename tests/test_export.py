@@ -45,6 +45,7 @@ CKPTS = {"r18_32": ("resnet18", 32, "cifar10"), "r18_224": ("resnet18", 224, "im
          "vit_32": ("vit_tiny", 32, "cifar10"), "swin_32": ("swin_tiny", 32, "cifar10"),
          "narrow": ("resnet_narrow", 32, "synthetic")}
 RESNET_CKPTS = ("r18_32", "r18_224", "r50_32", "r50_224")
+CLI_RUN = []  # the `python eval/export.py` subprocess, started by the ckpts fixture
 
 
 def randomize_norms(net, generator):
@@ -84,7 +85,14 @@ def ckpts_and_features(tmp_path_factory):
         export_backbone(paths[key], net, {**backbone_metadata(name, size, dim, "simclr"), "dataset": dataset})
         with torch.no_grad():
             features[key] = net.eval()(images(key))
-    return paths, features
+    # The command-line run starts now and works on the second core while the in-process tests run;
+    # test_command_line_from_the_repository_root collects it.
+    CLI_RUN.append(subprocess.Popen(
+        [sys.executable, "eval/export.py", "--ckpt", str(paths["r18_32"]), "--format", "torchvision"], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    yield paths, features
+    if CLI_RUN and CLI_RUN[0].poll() is None:
+        CLI_RUN[0].kill()
 
 
 @pytest.fixture(scope="module")
@@ -318,12 +326,12 @@ def test_bad_arguments(ckpts, tmp_path, capsys):
 
 def test_command_line_from_the_repository_root(ckpts):
     """`python eval/export.py` works from the repo root; --out defaults to a file next to --ckpt."""
-    proc = subprocess.run([sys.executable, "eval/export.py", "--ckpt", str(ckpts["r18_32"]), "--format", "torchvision"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
+    proc = CLI_RUN[0]
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
     out = ckpts["r18_32"].parent / "backbone_torchvision.pth"
     assert out.is_file() and Path(f"{out}.json").is_file()
-    assert "padding=2" in proc.stdout and "maxpool = torch.nn.Identity()" in proc.stdout
+    assert "padding=2" in stdout and "maxpool = torch.nn.Identity()" in stdout
 
 
 # ---- loading a backbone.pt: the README's two ways ----
