@@ -29,11 +29,10 @@ DATASET_OVERRIDES = {"stl10": dict(crop_size=96)}
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr with exit status 2."""
+    """argparse whose mistakes become a UsageError: under run_main, one line and exit status 2."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError(f"{message} (see --help)")
 
 
 def parser(method, doc, recipes):

@@ -14,11 +14,7 @@ def setup(device="auto"):
 
     NCCL on CUDA, gloo on CPU. Each process drives the GPU of its LOCAL_RANK.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        from common.cli import UsageError
-        raise UsageError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    device = resolve_device(device).type
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
@@ -28,6 +24,16 @@ def setup(device="auto"):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                                 device_id=torch.device(device) if device.startswith("cuda") else None)
     return rank, world_size, torch.device(device)
+
+
+def resolve_device(name):
+    """--device auto|cpu|cuda -> torch.device: auto is CUDA when present; cuda without a GPU is a UsageError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from common.cli import UsageError
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
 
 
 def is_distributed():

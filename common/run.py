@@ -5,10 +5,8 @@ The method scripts keep what differs: heads, loss, the training step and what go
 """
 import contextlib
 import json
-import math
 import os
 import signal
-import sys
 import time
 from types import SimpleNamespace
 
@@ -17,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import augment, backbones, checkpoint, data, dist, evaluation
+from common import augment, backbones, checkpoint, data, device_augment, dist, evaluation
 from common.cli import NonFiniteLoss, UsageError
 
 
@@ -116,9 +114,20 @@ def _extra_logger(args, config):
 
 
 def build_data(args, run):
-    """The pretraining loader (views, labels, indexes) and the labelled loaders for probe and kNN."""
-    if args.data_backend != "torchvision":
-        raise UsageError(f"--data-backend {args.data_backend} is not available yet: use torchvision")
+    """The pretraining loader (views, labels, indexes) and the labelled loaders for probe and kNN.
+
+    --data-backend picks the pretraining loader: torchvision (DataLoader workers, any dataset),
+    device (batched augmentation on the training device, in-memory datasets) or dali (folder
+    datasets). All three share the presets, the EpochSampler order and the batch layout."""
+    backend = args.data_backend
+    if backend == "device" and args.dataset not in device_augment.DATASETS:
+        raise UsageError(f"--data-backend device serves {', '.join(device_augment.DATASETS)}; "
+                         f"for {args.dataset} use --data-backend dali or torchvision")
+    if backend == "dali":
+        from common import dali  # imports nvidia.dali itself only when a loader is built
+        dali.check_available(args.dataset)
+    elif backend not in ("torchvision", "device"):
+        raise UsageError(f"unknown --data-backend {backend}: choose torchvision, dali or device")
     if not run.is_main:
         dist.barrier()  # rank 0 downloads (torchvision sets) before the others read
     train_set = data.load_dataset(args.dataset, args.data_dir, "train", args.seed)
@@ -129,10 +138,19 @@ def build_data(args, run):
         full, train_set = train_set, torch.utils.data.Subset(train_set, range(min(args.train_subset, len(train_set))))
         train_set.num_classes, train_set.image_size = full.num_classes, full.image_size
     mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
-    views = augment.pretrain_transform(args.preset, args.crop_size, mean, std, num_large=args.num_large_crops,
-                                       num_small=args.num_small_crops, small_size=args.small_crop_size)
-    loader = data.pretrain_loader(train_set, views, args.batch_size, args.workers, args.seed, run.rank,
-                                  run.world_size, pin_memory=run.device.type == "cuda")
+    crops = dict(num_large=args.num_large_crops, num_small=args.num_small_crops, small_size=args.small_crop_size)
+    if backend == "device":
+        views = device_augment.view_specs(args.preset, args.crop_size, **crops)
+        loader = device_augment.device_loader(train_set, views, mean, std, args.batch_size, args.seed, run.rank,
+                                              run.world_size, run.device)
+    elif backend == "dali":
+        views = device_augment.view_specs(args.preset, args.crop_size, **crops)
+        loader = dali.dali_loader(train_set, views, mean, std, args.batch_size, args.seed, run.rank,
+                                  run.world_size, run.device, threads=max(args.workers, 1))
+    else:
+        views = augment.pretrain_transform(args.preset, args.crop_size, mean, std, **crops)
+        loader = data.pretrain_loader(train_set, views, args.batch_size, args.workers, args.seed, run.rank,
+                                      run.world_size, pin_memory=run.device.type == "cuda")
     plain = augment.val_transform(args.crop_size, mean, std)
     eval_batch = max(args.batch_size, 256)
     return SimpleNamespace(

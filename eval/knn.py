@@ -20,20 +20,13 @@ import torch  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import augment, data, evaluation  # noqa: E402
+from common import augment, data, dist, evaluation  # noqa: E402
 from common.backbones import load_backbone  # noqa: E402
-from common.cli import UsageError  # noqa: E402
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose mistakes become a UsageError (one line, exit 2) instead of usage + message."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
+from common.cli import Parser, UsageError, run_main  # noqa: E402
 
 
 def build_parser():
-    p = OneLineParser(prog="eval/knn.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="eval/knn.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="backbone.pt written by a method script [required]")
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to evaluate on [default: the one stored in --ckpt]")
@@ -54,15 +47,6 @@ def build_parser():
     return p
 
 
-def resolve_device(name):
-    """--device auto|cpu|cuda -> torch.device; cuda without a GPU is a UsageError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
-    return torch.device(name)
-
-
 def run(argv=None):
     args = build_parser().parse_args(argv)
     for flag in ("k", "batch_size", "max_train"):
@@ -73,7 +57,7 @@ def run(argv=None):
         raise UsageError(f"--temperature must be positive, got {args.temperature}")
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
-    device = resolve_device(args.device)
+    device = dist.resolve_device(args.device)
     backbone, meta = load_backbone(args.ckpt)
     args.dataset = args.dataset or meta.get("dataset")
     if args.dataset is None:
@@ -123,11 +107,7 @@ def run(argv=None):
 
 
 def main(argv=None):
-    try:
-        run(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(run, argv)
 
 
 if __name__ == "__main__":
