@@ -31,6 +31,8 @@ PRESETS = ("asymmetric", "symmetric", "symmetric_weak", "ressl", "vicreg", "wmse
 
 # At and above this crop size the ImageNet variants of the presets apply.
 IMAGENET_SIZE = 96
+BLUR_SIGMA = (0.1, 2.0)  # Gaussian blur sigma ~ U[0.1, 2]
+SOLARIZE_THRESHOLD = 128  # uint8 pixels at or above it are inverted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,11 @@ def preset_pipelines(preset, size):
     return large, dataclasses.replace(large[0], scale=small_scale)
 
 
+def blur_kernel_size(size):
+    """Kernel 23 as in BYOL, shrunk on tiny crops because reflect padding needs pad < side."""
+    return min(23, (size // 2) * 2 - 1)
+
+
 def build_pipeline(spec, size, mean, std):
     """v2.Compose of one pipeline for uint8 CHW image tensors, ending in a normalized float tensor."""
     steps = [v2.RandomResizedCrop(size, scale=spec.scale, interpolation=v2.InterpolationMode.BICUBIC)]
@@ -85,11 +92,9 @@ def build_pipeline(spec, size, mean, std):
     if spec.gray_p > 0:
         steps.append(v2.RandomGrayscale(p=spec.gray_p))
     if spec.blur_p > 0:
-        # Kernel 23 as in BYOL, shrunk on tiny crops because reflect padding needs pad < side.
-        kernel = min(23, (size // 2) * 2 - 1)
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=spec.blur_p))
+        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=spec.blur_p))
     if spec.solarize_p > 0:
-        steps.append(v2.RandomSolarize(threshold=128, p=spec.solarize_p))
+        steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=spec.solarize_p))
     steps += [
         v2.RandomHorizontalFlip(0.5),
         v2.ToDtype(torch.float32, scale=True),
