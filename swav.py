@@ -85,7 +85,8 @@ class SwAV(nn.Module):
 
     @torch.no_grad()
     def normalize_prototypes(self):
-        # Scores are then cosine similarities, bounded by 1, which Sinkhorn's exp(s / eps) relies on.
+        # Unit rows make the scores cosine similarities, the scale that eps and T are tuned for (the paper's
+        # normalized prototypes); the gradient step moves them off the sphere, so this runs before each forward.
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
 

@@ -89,13 +89,19 @@ class WMSE(nn.Module):
 def whiten(z, eps=0.0):
     """Whiten the rows of z (..., S, D), each leading index a separate set: w = L^{-1} (z - mean) with
     L L^T = (1 - eps) Cov + eps I the Cholesky factorisation of the unbiased covariance over the S rows.
-    In float32 whatever the autocast (Cholesky in half precision fails), so Cov(w) = I (for eps 0)."""
-    with torch.autocast(z.device.type, enabled=False):
-        centred = z.float() - z.float().mean(-2, keepdim=True)
-        cov = centred.mT @ centred / (z.shape[-2] - 1)
-        eye = torch.eye(z.shape[-1], device=z.device)
-        factor = torch.linalg.cholesky((1 - eps) * cov + eps * eye)
-        return torch.linalg.solve_triangular(factor, centred.mT, upper=False).mT
+    In float32 whatever the autocast (Cholesky in half precision fails) and without TF32 matmuls (which
+    Run enables on GPUs: their 10-bit mantissa would perturb the covariance), so Cov(w) = I (for eps 0)."""
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            centred = z - z.mean(-2, keepdim=True)
+            cov = centred.mT @ centred / (z.shape[-2] - 1)
+            eye = torch.eye(z.shape[-1], device=z.device)
+            factor = torch.linalg.cholesky((1 - eps) * cov + eps * eye)
+            return torch.linalg.solve_triangular(factor, centred.mT, upper=False).mT
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def wmse_loss(z, whitening_size=128, whitening_iters=1, eps=0.0):
@@ -158,7 +164,8 @@ def train(args):
                 z, logits = train_model(views)
             # chunks a function of (seed, step, rank) alone: a run resumed mid-epoch draws the same ones
             torch.manual_seed(mix_seed("wmse", args.seed, step, run.rank))
-            loss = wmse_loss(z, args.whitening_size, args.whitening_iters, args.whitening_eps)
+            loss = wmse_loss(z, whitening_size=args.whitening_size, whitening_iters=args.whitening_iters,
+                             eps=args.whitening_eps)
             optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             step += 1
             losses.append(loss.item())

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from common import optim
 from common.cli import UsageError
@@ -224,16 +225,31 @@ def test_resnet_runs_resumes_exactly_and_freezes_the_prototypes_in_epoch_0(tmp_p
     assert (straight / "backbone.pt").exists()
 
 
+def image_folder(root, count=64):
+    """A flat folder of PNGs: no labels, so no probe validation (ViT evaluation is the slow part on a CPU)."""
+    from common.data import synthetic_images
+    root.mkdir()
+    for i, image in enumerate(synthetic_images(count, seed=0)[0]):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / f"{i}.png")
+    return root
+
+
 @pytest.mark.parametrize("backbone", ["resnet_narrow", "vit_tiny"])
 def test_ddp_two_processes_keep_ranks_identical(backbone, tmp_path):
-    """torchrun with 2 CPU processes; the ViT also takes two 18px small crops next to its 32px ones
-    (patch 4, position embeddings interpolated)."""
+    """torchrun with 2 CPU processes. The ViT trains on 32px crops and two 18px small crops (patch 4,
+    position embeddings interpolated, padded to whole patches) from an unlabelled folder, whose
+    ImageNet-family recipe also warms the teacher temperature up (epoch 0: 0.04)."""
     out = tmp_path / "run"
-    extra = ["--num-small-crops", "2", "--small-crop-size", "18"] if backbone == "vit_tiny" else []
+    extra = []
+    if backbone == "vit_tiny":
+        extra = ["--dataset", "folder", "--data-dir", image_folder(tmp_path / "images"), "--crop-size", "32",
+                 "--num-small-crops", "2", "--small-crop-size", "18"]
     torchrun("tests/rank_params.py", "dino", *tiny(out, "--backbone", backbone, "--max-steps", "2", *extra)[1:])
     r0, r1 = (torch.load(out / f"backbone-rank{r}.pt") for r in range(2))
     assert len(r0) > 10 and all(torch.equal(r0[k], r1[k]) for k in r0)
     args = json.loads((out / "args.json").read_text())
     assert args["world_size"] == 2 and args["global_batch_size"] == 32
     assert args["optimizer"] == ("adamw" if backbone == "vit_tiny" else "lars")
-    assert (out / "backbone.pt").exists() and [m["step"] for m in read_metrics(out) if m["type"] == "step"] == [1, 2]
+    lines = read_metrics(out)
+    assert [m["step"] for m in lines if m["type"] == "step"] == [1, 2] and (out / "backbone.pt").exists()
+    assert lines[-1]["teacher_temp"] == (0.04 if backbone == "vit_tiny" else 0.07)
