@@ -66,7 +66,7 @@ def parser(method, doc, recipes):
     add("--num-small-crops", "small crops per image (multi-crop)", type=int)
     add("--small-crop-size", "small crop size [default: 18 for 32px crops, 96 for 224px]", type=int)
     add("--grad-clip", "clip the gradient norm to this value (0: off)", type=float)
-    add("--train-subset", "train on the first N images only (quick experiments; 0: all)", type=int)
+    add("--train-subset", "train on the first N images and validate on at most max(N, 256) (quick runs, tests; 0: all)", type=int)
     add("--workers", "data loader worker processes per process", type=int)
     add("--seed", "seed of model init, data order and augmentations", type=int)
     add("--device", "auto picks CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import math
 import os
+import signal
 
 import torch
 from PIL import Image
@@ -316,6 +317,13 @@ class TransformedDataset(Dataset):
             return self.transform(image), label
 
 
+def leave_signals_to_main(worker_id):
+    """DataLoader workers ignore SIGTERM/SIGINT (a cluster signals the whole process group): the main
+    process finishes its step, writes last.pt and then shuts the workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def pretrain_loader(dataset, transform, batch_size, workers, seed, rank=0, world_size=1, pin_memory=False):
     """Deterministic loader of (list of view batches, labels, indexes); `loader.sampler` is the
     EpochSampler on which to call set_epoch(epoch, skip) before iterating."""
@@ -326,11 +334,13 @@ def pretrain_loader(dataset, transform, batch_size, workers, seed, rank=0, world
     # A private generator keeps loader construction from consuming the global RNG.
     return DataLoader(ViewsDataset(dataset, transform, seed), batch_size=batch_size, sampler=sampler,
                       num_workers=workers, pin_memory=pin_memory, drop_last=True,
-                      persistent_workers=workers > 0, generator=torch.Generator())
+                      persistent_workers=workers > 0, generator=torch.Generator(),
+                      worker_init_fn=leave_signals_to_main)
 
 
 def eval_loader(dataset, transform, batch_size, workers, pin_memory=False):
     """Ordered loader of (images, labels) over the whole dataset, for probes and kNN."""
     return DataLoader(TransformedDataset(dataset, transform), batch_size=batch_size, shuffle=False,
                       num_workers=workers, pin_memory=pin_memory, drop_last=False,
-                      persistent_workers=workers > 0, generator=torch.Generator())
+                      persistent_workers=workers > 0, generator=torch.Generator(),
+                      worker_init_fn=leave_signals_to_main)

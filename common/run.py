@@ -137,6 +137,8 @@ def build_data(args, run):
     if args.train_subset:  # the first N images: quick experiments and tests
         full, train_set = train_set, torch.utils.data.Subset(train_set, range(min(args.train_subset, len(train_set))))
         train_set.num_classes, train_set.image_size = full.num_classes, full.image_size
+        if val_set is not None:  # validation shrinks with it (at most N, at least 256 images)
+            val_set = torch.utils.data.Subset(val_set, range(min(len(val_set), max(args.train_subset, 256))))
     mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
     crops = dict(num_large=args.num_large_crops, num_small=args.num_small_crops, small_size=args.small_crop_size)
     if backend == "device":
