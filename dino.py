@@ -22,6 +22,7 @@ decay 0.04 -> 0.4 on a cosine, lr 5e-4, clip 3.0) for every flag not given on th
     python dino.py --dataset cifar10 --backbone vit_small --num-small-crops 6
     torchrun --nproc_per_node=4 dino.py --dataset imagenet100 --data-dir /data/imagenet100
 """
+import argparse
 import copy
 import os
 import time
@@ -37,7 +38,7 @@ from common.run import Run, build_data, epoch_summary, evaluate, finish, optimiz
 # ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
 _DINO = dict(proj_hidden_dim=2048, proj_output_dim=256, num_prototypes=4096, base_tau=0.9995, final_tau=1.0,
              student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04, center_momentum=0.9,
-             freeze_last_layer_epochs=1)
+             freeze_last_layer_epochs=1, use_bn_in_head=False)
 RECIPES = {
     "cifar": dict(backbone="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.3, weight_decay=1e-6,
                   warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=32, **_DINO,
@@ -67,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--proj-hidden-dim", type=int, help="head hidden width")
     p.add_argument("--proj-output-dim", type=int, help="head bottleneck width (before the prototypes)")
     p.add_argument("--num-prototypes", type=int, help="K: output width of the weight-normed last layer")
+    p.add_argument("--use-bn-in-head", action=argparse.BooleanOptionalAction,
+                   help="BatchNorm after the head's hidden layers")
     p.add_argument("--student-temp", type=float, help="student temperature tau_s")
     p.add_argument("--teacher-temp", type=float, help="teacher temperature tau_t after its warm-up")
     p.add_argument("--warmup-teacher-temp", type=float, help="teacher temperature at epoch 0")
@@ -104,12 +107,14 @@ class NormalizedLinear(nn.Linear):
 
 
 class DINOHead(nn.Module):
-    """F -> hidden -GELU-> hidden -GELU-> bottleneck, n(), then K unit-norm prototypes (no BN)."""
+    """F -> hidden -GELU-> hidden -GELU-> bottleneck, n(), then K unit-norm prototypes; BN after the
+    hidden layers only with use_bn (the official --use_bn_in_head, off by default)."""
 
-    def __init__(self, in_dim, hidden_dim, bottleneck_dim, num_prototypes):
+    def __init__(self, in_dim, hidden_dim, bottleneck_dim, num_prototypes, use_bn=False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        norm = (lambda: nn.BatchNorm1d(hidden_dim)) if use_bn else nn.Identity
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), norm(), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 norm(), nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
         for m in self.mlp:  # the paper's init; the last layer keeps nn.Linear's, as in the official code
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -124,10 +129,10 @@ class DINO(nn.Module):
     """Student: backbone -> DINO head, plus the online probe on sg(features).
     `teacher()` builds the momentum copy of backbone + head."""
 
-    def __init__(self, backbone, feature_dim, hidden_dim, bottleneck_dim, num_prototypes, num_classes):
+    def __init__(self, backbone, feature_dim, hidden_dim, bottleneck_dim, num_prototypes, num_classes, use_bn=False):
         super().__init__()
         self.backbone = backbone
-        self.head = DINOHead(feature_dim, hidden_dim, bottleneck_dim, num_prototypes)
+        self.head = DINOHead(feature_dim, hidden_dim, bottleneck_dim, num_prototypes, use_bn)
         self.probe = nn.Linear(feature_dim, max(num_classes, 1))
 
     def forward(self, views):
@@ -191,7 +196,7 @@ def train(args):
     if args.backbone.startswith("vit"):  # an 18px small crop is no multiple of the 4px patch: pad it
         backbone.patch_embed.dynamic_img_pad = True
     model = DINO(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, args.num_prototypes,
-                 datasets.num_classes)
+                 datasets.num_classes, args.use_bn_in_head)
     teacher = model.teacher()  # starts equal to the student's backbone + head
     train_model = prepare_model(model, run)
     teacher = prepare_model(teacher, run, trained=False)
