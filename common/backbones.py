@@ -45,11 +45,21 @@ def narrow_resnet(width=16, blocks=(1, 1, 1, 1)):
     return net
 
 
+def timm_kwargs(name, image_size):
+    """timm.create_model's keyword arguments for a ViT/Swin of BACKBONES at `image_size`."""
+    vit = name.startswith("vit")  # dynamic size and padding: crops of any side (multi-crop's 18px too)
+    kwargs = dict(num_classes=0, img_size=image_size, dynamic_img_size=vit, dynamic_img_pad=vit)
+    if image_size < 64:
+        kwargs.update(dict(patch_size=4) if vit else dict(patch_size=2, window_size=4))
+    return kwargs
+
+
 def build_backbone(name, image_size=224):
     """Return (module, feature_dim); the module maps images (N, 3, H, W) to features (N, feature_dim).
 
     ResNets get the CIFAR stem when image_size < 64. ViTs use patch 4 below 64px, patch 16 above,
-    and interpolate their position embeddings for any input size, so multi-crop works.
+    pad inputs to a multiple of the patch and interpolate their position embeddings for any input
+    size, so multi-crop works.
     """
     if name in RESNETS:
         net = narrow_resnet() if name == "resnet_narrow" else getattr(torchvision.models, name)()
@@ -60,11 +70,7 @@ def build_backbone(name, image_size=224):
         return net, dim
     if name in TIMM_MODELS:
         import timm
-        small = image_size < 64
-        kwargs = dict(num_classes=0, img_size=image_size, dynamic_img_size=name.startswith("vit"))
-        if small:
-            kwargs.update(patch_size=4) if name.startswith("vit") else kwargs.update(patch_size=2, window_size=4)
-        net = timm.create_model(TIMM_MODELS[name], **kwargs)
+        net = timm.create_model(TIMM_MODELS[name], **timm_kwargs(name, image_size))
         return net, net.num_features
     raise UsageError(f"unknown backbone '{name}': choose one of {', '.join(BACKBONES)}")
 

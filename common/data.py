@@ -173,9 +173,13 @@ def _shape_distance(shape, u, v):
 def synthetic_images(num_images, seed, size=32):
     """Procedural images of the 10 SYNTHETIC_CLASSES (balanced, shuffled) -> (uint8 NCHW, labels).
 
-    Each shape has a random colour, scale, rotation and position over a random two-colour
-    gradient strewn with small blobs and line segments of random colours: pixel distance is
-    dominated by colour and layout, while the shape survives crops and colour jitter.
+    One shape per image, at a random position (up to 0.3 of the half-width off centre), scale
+    (0.5-0.9) and any rotation, over a background with a few small blobs and a line segment of
+    random colours. Shape and background are each filled with a smooth random colour field (a 3x3
+    grid of colours, bilinearly upsampled), one dark and one light, in random order. Pixel distance
+    then follows colour, polarity and layout rather than the class; and since two crops of an image
+    see different parts of its colour fields, colour is no shortcut to match them: what the crops
+    of one image share is mostly its shape.
     """
     gen = torch.Generator().manual_seed(seed)
     n = num_images
@@ -188,25 +192,25 @@ def synthetic_images(num_images, seed, size=32):
 
     def paint(canvas, distance, colour):  # analytic anti-aliasing: coverage of a 1-pixel edge
         alpha = (0.5 - distance * size / 2).clamp_(0, 1).unsqueeze(1).expand_as(canvas)
-        return canvas.lerp_(colour.view(n, 3, 1, 1).expand_as(canvas), alpha)
+        return canvas.lerp_(colour.expand_as(canvas), alpha)
 
-    shape_colour = torch.rand(n, 3, generator=gen)
-    ends = torch.rand(2, n, 3, generator=gen)
-    for _ in range(20):  # redraw background colours too close to the shape's, so it stays visible
-        close = (ends - shape_colour).norm(dim=-1, keepdim=True) < 0.45
-        ends = torch.where(close, torch.rand(2, n, 3, generator=gen), ends)
-    angle = draw(0, 2 * math.pi)
-    ramp = ((x * angle.cos() + y * angle.sin()) / 2.9 + 0.5).unsqueeze(1)
-    canvas = torch.lerp(ends[0].view(n, 3, 1, 1), ends[1].view(n, 3, 1, 1), ramp)
-    for _ in range(6):  # blobs
-        cx, cy, radius = draw(-1, 1), draw(-1, 1), draw(0.08, 0.22)
-        canvas = paint(canvas, torch.sqrt((x - cx) ** 2 + (y - cy) ** 2) - radius, torch.rand(n, 3, generator=gen))
-    for _ in range(3):  # line segments from a to b: distance to the nearest point of the segment
-        ax, ay, bx, by = draw(-1, 1), draw(-1, 1), draw(-1, 1), draw(-1, 1)
-        t = (((x - ax) * (bx - ax) + (y - ay) * (by - ay)) / ((bx - ax) ** 2 + (by - ay) ** 2 + 1e-6)).clamp(0, 1)
-        distance = torch.sqrt((x - ax - t * (bx - ax)) ** 2 + (y - ay - t * (by - ay)) ** 2) - 0.03
-        canvas = paint(canvas, distance, torch.rand(n, 3, generator=gen))
-    scale, rotation, cx, cy = draw(0.4, 0.7), draw(0, 2 * math.pi), draw(-0.35, 0.35), draw(-0.35, 0.35)
+    def colour_field():
+        grid = torch.rand(n, 3, 3, 3, generator=gen)
+        return torch.nn.functional.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True)
+
+    dark, light = colour_field() * 0.35, 1 - (1 - colour_field()) * 0.4
+    light_shape = torch.rand(n, 1, 1, 1, generator=gen) < 0.5
+    shape_colour, canvas = torch.where(light_shape, light, dark), torch.where(light_shape, dark, light)
+    for _ in range(3):  # blobs
+        cx, cy, radius = draw(-1, 1), draw(-1, 1), draw(0.05, 0.1)
+        distance = torch.sqrt((x - cx) ** 2 + (y - cy) ** 2) - radius
+        canvas = paint(canvas, distance, torch.rand(n, 3, 1, 1, generator=gen))
+    # A line segment from a to b: distance to the nearest point of the segment.
+    ax, ay, bx, by = draw(-1, 1), draw(-1, 1), draw(-1, 1), draw(-1, 1)
+    t = (((x - ax) * (bx - ax) + (y - ay) * (by - ay)) / ((bx - ax) ** 2 + (by - ay) ** 2 + 1e-6)).clamp(0, 1)
+    distance = torch.sqrt((x - ax - t * (bx - ax)) ** 2 + (y - ay - t * (by - ay)) ** 2) - 0.03
+    canvas = paint(canvas, distance, torch.rand(n, 3, 1, 1, generator=gen))
+    scale, rotation, cx, cy = draw(0.5, 0.9), draw(0, 2 * math.pi), draw(-0.3, 0.3), draw(-0.3, 0.3)
     # Rotate and scale the pixel grid into each shape's own frame.
     u = ((x - cx) * rotation.cos() + (y - cy) * rotation.sin()) / scale
     v = ((y - cy) * rotation.cos() - (x - cx) * rotation.sin()) / scale

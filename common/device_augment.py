@@ -31,11 +31,11 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # columns of params["jitter"]
 
 
-def view_specs(preset, size, num_large=2, num_small=0, small_size=None):
+def view_specs(preset, size, num_large=2, num_small=0, small_size=None, min_scale=None):
     """[(Pipeline, crop side)] per view, large crops first: the layout of augment.pretrain_transform."""
     if num_large < 1 or num_small < 0:
         raise UsageError(f"need at least one large crop and no negative count (got {num_large}, {num_small})")
-    large, small = augment.preset_pipelines(preset, size)
+    large, small = augment.preset_pipelines(preset, size, min_scale)
     small_size = small_size or augment.default_small_size(size)
     return [(large[i % len(large)], size) for i in range(num_large)] + [(small, small_size)] * num_small
 

@@ -140,7 +140,8 @@ def build_data(args, run):
         if val_set is not None:  # validation shrinks with it (at most N, at least 256 images)
             val_set = torch.utils.data.Subset(val_set, range(min(len(val_set), max(args.train_subset, 256))))
     mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
-    crops = dict(num_large=args.num_large_crops, num_small=args.num_small_crops, small_size=args.small_crop_size)
+    crops = dict(num_large=args.num_large_crops, num_small=args.num_small_crops, small_size=args.small_crop_size,
+                 min_scale=args.min_scale)
     if backend == "device":
         views = device_augment.view_specs(args.preset, args.crop_size, **crops)
         loader = device_augment.device_loader(train_set, views, mean, std, args.batch_size, args.seed, run.rank,

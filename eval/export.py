@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from common import augment  # noqa: E402
-from common.backbones import TIMM_MODELS, load_backbone  # noqa: E402
+from common.backbones import TIMM_MODELS, load_backbone, timm_kwargs  # noqa: E402
 from common.cli import Parser, UsageError, run_main  # noqa: E402
 
 FORMATS = ("torchvision", "timm", "detectron2")
@@ -110,15 +110,6 @@ def detectron2_model(state):
         # contiguous: channels_last training leaves permuted strides that numpy would keep
         model[name] = tensor.detach().cpu().float().contiguous().numpy()
     return model
-
-
-def timm_kwargs(name, image_size):
-    """The timm.create_model keyword arguments that common.backbones.build_backbone uses for `name`."""
-    vit = name.startswith("vit")
-    kwargs = dict(num_classes=0, img_size=image_size, dynamic_img_size=vit)
-    if image_size < 64:
-        kwargs.update(dict(patch_size=4) if vit else dict(patch_size=2, window_size=4))
-    return kwargs
 
 
 # ---- metadata and loading code ----

@@ -1,9 +1,11 @@
 """Augmentation presets: view layout, probabilities of the random steps, evaluation transform."""
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
 
-from common.augment import NORMALIZATION, PRESETS, pretrain_transform, val_transform
+from common.augment import NORMALIZATION, PRESETS, preset_pipelines, pretrain_transform, val_transform
 from common.cli import UsageError
 
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # views stay in [0, 1], easy to inspect
@@ -109,3 +111,30 @@ def test_val_transform():
     pil = Image.fromarray(torch.randint(0, 256, (260, 300, 3), dtype=torch.uint8).numpy())
     assert val_transform(224, *NORMALIZATION["imagenet"])(pil).shape == (3, 224, 224)
     assert val_transform(32, *IDENTITY)(noise_image(size=40)).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_min_scale_replaces_the_large_crops_scale_only(preset):
+    large, small = preset_pipelines(preset, 32)
+    large_30, small_30 = preset_pipelines(preset, 32, min_scale=0.3)
+    assert [p.scale for p in large_30] == [(0.3, 1.0)] * len(large)
+    assert small_30 == small and small.scale != (0.3, 1.0)
+    # everything but the scale is the preset's
+    assert [dataclasses.replace(p, scale=(0.3, 1.0)) for p in large] == large_30
+
+
+def test_min_scale_bounds_the_crop_area():
+    """A crop of at least 90% of the area keeps a centred 1-pixel dot (from a 32px image of one dot,
+    a 0.08-area crop would miss it most of the time)."""
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    image[:, 16, 16] = 255
+    weak_views = lambda transform: [transform(image)[1] for _ in range(50)]  # ressl's 2nd view: crop, flip
+    torch.manual_seed(0)
+    assert all(view.amax() > 0 for view in weak_views(pretrain_transform("ressl", 32, *IDENTITY, min_scale=0.9)))
+    assert not all(view.amax() > 0 for view in weak_views(pretrain_transform("ressl", 32, *IDENTITY)))
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.5])
+def test_min_scale_out_of_range_is_a_usage_error(value):
+    with pytest.raises(UsageError, match="min-scale"):
+        preset_pipelines("asymmetric", 32, min_scale=value)

@@ -124,6 +124,7 @@ def bad_inputs(tmp_path):
         "cuda without gpu": ["--device", "cuda"],
         "zero epochs": ["--epochs", "0"],
         "not a number": ["--lr", "fast"],
+        "crop scale out of range": ["--min-scale", "1.5"],
     }
 
 
