@@ -43,9 +43,9 @@ RECIPES = {
     # 30% of the image, AdamW, and the asymmetric preset: the blur of the others erases 16px shapes.
     # 8000 images: 200 clusters of about 40 images, like 3000 clusters of about 17 on CIFAR's 50000.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
-                      weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,
-                      min_scale=0.3, temperature=0.1, num_prototypes=[200, 200, 200], kmeans_iters=10,
-                      proj_hidden_dim=512, proj_output_dim=128, data_backend="device", workers=2),
+                      weight_decay=0.05, warmup_epochs=1, warmup_start_lr=0.0, probe_lr=2e-3, preset="asymmetric",
+                      crop_size=16, min_scale=0.3, temperature=0.1, num_prototypes=[200, 200, 200],
+                      kmeans_iters=10, proj_hidden_dim=512, proj_output_dim=128, data_backend="device", workers=2),
 }
 
 
@@ -155,7 +155,7 @@ def train(args):
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
     optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
-    size = len(datasets.loader.dataset)
+    size = datasets.train_size
     bank = torch.zeros(args.num_large_crops, size, args.proj_output_dim, device=run.device)
     filled = torch.zeros(size, dtype=torch.bool, device=run.device)
     assignments, assigned_epoch = None, -1  # the epoch whose start computed `assignments`

@@ -48,7 +48,9 @@ def narrow_resnet(width=16, blocks=(1, 1, 1, 1)):
 def timm_kwargs(name, image_size):
     """timm.create_model's keyword arguments for a ViT/Swin of BACKBONES at `image_size`."""
     vit = name.startswith("vit")  # dynamic size and padding: crops of any side (multi-crop's 18px too)
-    kwargs = dict(num_classes=0, img_size=image_size, dynamic_img_size=vit, dynamic_img_pad=vit)
+    kwargs = dict(num_classes=0, img_size=image_size, dynamic_img_size=vit)
+    if vit:
+        kwargs["dynamic_img_pad"] = True
     if image_size < 64:
         kwargs.update(dict(patch_size=4) if vit else dict(patch_size=2, window_size=4))
     return kwargs

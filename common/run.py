@@ -157,7 +157,7 @@ def build_data(args, run):
     plain = augment.val_transform(args.crop_size, mean, std)
     eval_batch = max(args.batch_size, 256)
     return SimpleNamespace(
-        loader=loader, num_classes=train_set.num_classes, steps_per_epoch=len(loader),
+        loader=loader, num_classes=train_set.num_classes, steps_per_epoch=len(loader), train_size=len(train_set),
         val=data.eval_loader(val_set, plain, eval_batch, args.workers) if val_set is not None else None,
         knn_train=data.eval_loader(train_set, plain, eval_batch, args.workers) if val_set is not None else None)
 

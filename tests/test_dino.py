@@ -14,8 +14,8 @@ from common import optim
 from common.cli import UsageError
 from common.run import optimizer_step
 from conftest import TINY, read_metrics, run_script, step_losses, torchrun
-from dino import (DINO, DINOHead, NormalizedLinear, cancel_last_layer_grad, dino_loss, parse_args,
-                  set_weight_decay, teacher_temperature, update_center)
+from dino import (DINO, RECIPES, VIT_OVERRIDES, DINOHead, NormalizedLinear, cancel_last_layer_grad, dino_loss,
+                  parse_args, set_weight_decay, teacher_temperature, update_center)
 
 HEAD = ["--proj-hidden-dim", "32", "--proj-output-dim", "16", "--num-prototypes", "64"]
 LN3 = math.log(3)
@@ -262,7 +262,9 @@ def test_ddp_two_processes_keep_ranks_identical(backbone, tmp_path):
     assert len(r0) > 10 and all(torch.equal(r0[k], r1[k]) for k in r0)
     args = json.loads((out / "args.json").read_text())
     assert args["world_size"] == 2 and args["global_batch_size"] == 32
-    assert args["optimizer"] == ("adamw" if backbone == "vit_tiny" else "lars")
+    recipe = {**RECIPES["imagenet"], **VIT_OVERRIDES} if backbone == "vit_tiny" else RECIPES["synthetic"]
+    keys = ("optimizer", "lr", "weight_decay")
+    assert [args[k] for k in keys] == [recipe[k] for k in keys]
     lines = read_metrics(out)
     assert [m["step"] for m in lines if m["type"] == "step"] == [1, 2] and (out / "backbone.pt").exists()
     assert lines[-1]["teacher_temp"] == (0.04 if backbone == "vit_tiny" else 0.07)

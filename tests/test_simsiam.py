@@ -9,7 +9,7 @@ import torch
 from common import cli, optim
 from common.backbones import load_backbone
 from conftest import TINY, read_metrics, run_script, step_losses, torchrun
-from simsiam import SimSiam, param_groups, parse_args, simsiam_loss
+from simsiam import RECIPES, SimSiam, param_groups, parse_args, simsiam_loss
 
 HEADS = ["--proj-hidden-dim", "32", "--proj-output-dim", "16", "--pred-hidden-dim", "8"]
 
@@ -91,9 +91,9 @@ def test_resume_continues_exactly_and_writes_every_file(tmp_path):
     assert last_a["method"] == "simsiam" and last_a["step"] == 6
     assert all(torch.allclose(last_a["model"][k].float(), last_b["model"][k].float(), atol=1e-6)
                for k in last_a["model"])
-    # at step 6 of 12 the schedule is below its base, the predictor's groups are at theirs (0.5 * 16 / 256)
+    # at step 6 of 12 the schedule is below its base, the predictor's groups are at theirs (lr * 16 / 256)
     groups = last_a["optimizer"]["param_groups"]
-    assert all(g["lr"] == g["base_lr"] == 0.5 * 16 / 256 for g in groups if g.get("fixed_lr"))
+    assert all(g["lr"] == g["base_lr"] == RECIPES["synthetic"]["lr"] * 16 / 256 for g in groups if g.get("fixed_lr"))
     assert all(g["lr"] < g["base_lr"] for g in groups if not g.get("fixed_lr"))
     net, meta = load_backbone(straight / "backbone.pt")
     assert meta["method"] == "simsiam" and net(torch.randn(2, 3, 32, 32)).shape == (2, meta["feature_dim"])
