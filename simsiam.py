@@ -32,9 +32,10 @@ RECIPES = {
                      warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, proj_hidden_dim=2048,
                      proj_output_dim=2048, pred_hidden_dim=512),
     # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
-    # 30% of the image, AdamW, and the asymmetric preset: the blur of the others erases 16px shapes.
-    "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
-                      weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,
+    # 30% of the image, and the asymmetric preset: the blur of the others erases 16px shapes. Not AdamW:
+    # SimSiam reached kNN 25.6% with it, 32.9% with the paper's CIFAR SGD (wd 5e-4) at twice its lr.
+    "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="sgd", lr=0.06,
+                      weight_decay=5e-4, warmup_epochs=1, probe_lr=0.1, preset="asymmetric", crop_size=16,
                       min_scale=0.3, proj_hidden_dim=512, proj_output_dim=512, pred_hidden_dim=128,
                       data_backend="device", workers=2),
 }
