@@ -4,6 +4,8 @@ Every flag defaults to None; `resolve` fills what the command line left unset fr
 recipe for the dataset's family (cifar, imagenet, synthetic), then from GENERIC_DEFAULTS.
 """
 import argparse
+import gc
+import multiprocessing
 import os
 import sys
 
@@ -106,6 +108,18 @@ def resolve(p, argv, method, recipes):
     return args
 
 
+def stop_worker_processes():
+    """Stop the DataLoader workers still alive (persistent ones) before the interpreter exits.
+
+    The workers ignore SIGTERM (common.data.leave_signals_to_main), which is all that multiprocessing's
+    exit handler sends them before joining: a loader not yet garbage-collected would hang the exit.
+    Collecting first lets the loaders shut their workers down; anything left is killed."""
+    gc.collect()
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
+
+
 def run_main(main, argv=None):
     """Run main(argv); a UsageError becomes one line on stderr and exit status 2."""
     try:
@@ -119,3 +133,5 @@ def run_main(main, argv=None):
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        stop_worker_processes()

@@ -1,6 +1,8 @@
 """Datasets and deterministic loaders: synthetic generation, folders, errors, sampler, view seeding."""
+import multiprocessing
 import os
 import pickle
+import time
 import urllib.error
 
 import numpy as np
@@ -234,3 +236,23 @@ def test_cifar_files_load_as_chw(tmp_path, monkeypatch):
     assert val.images.shape == (4, 3, 32, 32) and val.images.is_contiguous()
     assert val.images[2, 1].unique().tolist() == [7]  # image 2, channel 1 of the CHW rows
     assert val[3][1] == 3
+
+
+def _ignore_sigterm_and_wait():
+    data.leave_signals_to_main(0)
+    time.sleep(60)
+
+
+def test_exit_stops_workers_that_ignore_sigterm():
+    """Workers ignore SIGTERM, the only signal multiprocessing's exit handler sends before joining them:
+    run_main's clean-up must still stop them, or a run would hang after writing its outputs."""
+    from common.cli import stop_worker_processes
+    worker = multiprocessing.get_context("fork").Process(target=_ignore_sigterm_and_wait, daemon=True)
+    worker.start()
+    time.sleep(0.5)
+    worker.terminate()  # what the exit handler does: ignored
+    worker.join(1)
+    assert worker.is_alive()
+    start = time.time()
+    stop_worker_processes()
+    assert not worker.is_alive() and time.time() - start < 10
