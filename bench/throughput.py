@@ -80,8 +80,7 @@ def measure(method, mode, opts):
         else:  # the same augmented batch, steps times, straight from memory
             batch = next(iter(real.loader))
             timed["loader"] = TimedBatches([batch] * (steps + 1), real.steps_per_epoch)
-        return SimpleNamespace(loader=timed["loader"], num_classes=real.num_classes,
-                               steps_per_epoch=real.steps_per_epoch, val=None, knn_train=None)
+        return SimpleNamespace(**{**vars(real), "loader": timed["loader"], "val": None, "knn_train": None})
 
     if mode in ("step", "loader"):
         module.build_data = build_data
@@ -139,7 +138,8 @@ def main():
     opts = p.parse_args()
     if opts.one:
         return measure(*opts.one, opts)
-    print(f"backbone {opts.backbone}, batch {opts.batch_size}, synthetic 32px, {opts.steps} timed steps, "
+    print(f"backbone {opts.backbone}, batch {opts.batch_size}, synthetic recipe crops and data backend, "
+          f"{opts.steps} timed steps, "
           f"loader workers {opts.workers}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}\n")
     print("| method | step img/s | floor img/s | step / floor | loader img/s | loader / step | peak memory (MB) |")
     print("|---|---|---|---|---|---|---|")
