@@ -175,13 +175,11 @@ def synthetic_images(num_images, seed, size=32):
 
     One shape per image, at a random position (up to 0.3 of the half-width off centre), scale
     (0.5-0.9) and any rotation, over a background with a few small blobs and a line segment of
-    random colours. The background is a smooth random colour field (a 3x3 grid of colours whose
-    channels sit near 0 or near 1, bilinearly upsampled) and the shape is its colour negative
-    (1 - background), so the shape contrasts with what lies beneath it everywhere while no
-    image-wide statistic separates images: the mean brightness of an image stays near 0.5. Two
-    crops of one image see different parts of the colour field; what they share is mostly the shape.
-    (A design with one dark and one light field gave every image a binary polarity, shared by all
-    its crops and untouched by colour jitter; BYOL, SimSiam, SwAV, DINO and ReSSL learnt that.)
+    random colours. Shape and background are each filled with a smooth random colour field (a 3x3
+    grid of colours, bilinearly upsampled), one dark and one light, in random order. Pixel distance
+    then follows colour, polarity and layout rather than the class; and since two crops of an image
+    see different parts of its colour fields, colour is no shortcut to match them: what the crops
+    of one image share is mostly its shape.
     """
     gen = torch.Generator().manual_seed(seed)
     n = num_images
@@ -196,10 +194,13 @@ def synthetic_images(num_images, seed, size=32):
         alpha = (0.5 - distance * size / 2).clamp_(0, 1).unsqueeze(1).expand_as(canvas)
         return canvas.lerp_(colour.expand_as(canvas), alpha)
 
-    grid = torch.rand(n, 3, 3, 3, generator=gen) * 0.3
-    grid = torch.where(torch.rand(n, 3, 3, 3, generator=gen) < 0.5, 1 - grid, grid)  # channels near 0 or 1
-    canvas = torch.nn.functional.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True)
-    shape_colour = 1 - canvas  # the negative of the background beneath it, taken before blobs and line
+    def colour_field():
+        grid = torch.rand(n, 3, 3, 3, generator=gen)
+        return torch.nn.functional.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True)
+
+    dark, light = colour_field() * 0.35, 1 - (1 - colour_field()) * 0.4
+    light_shape = torch.rand(n, 1, 1, 1, generator=gen) < 0.5
+    shape_colour, canvas = torch.where(light_shape, light, dark), torch.where(light_shape, dark, light)
     for _ in range(3):  # blobs
         cx, cy, radius = draw(-1, 1), draw(-1, 1), draw(0.05, 0.1)
         distance = torch.sqrt((x - cx) ** 2 + (y - cy) ** 2) - radius
