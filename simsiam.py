@@ -36,7 +36,7 @@ RECIPES = {
     # SimSiam reached kNN 25.6% with it, 32.9% with the paper's CIFAR SGD (wd 5e-4) at twice its lr.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="sgd", lr=0.06,
                       weight_decay=5e-4, warmup_epochs=1, probe_lr=0.1, preset="asymmetric", crop_size=16,
-                      min_scale=0.3, proj_hidden_dim=512, proj_output_dim=512, pred_hidden_dim=128,
+                      min_scale=0.3, invert_prob=0.5, proj_hidden_dim=512, proj_output_dim=512, pred_hidden_dim=128,
                       data_backend="device", workers=2),
 }
 

@@ -45,16 +45,29 @@ class Pipeline:
     gray_p: float = 0.2
     blur_p: float = 0.0
     solarize_p: float = 0.0
+    invert_p: float = 0.0  # 1 - x on the whole view; no preset uses it (--invert-prob, the synthetic recipes)
 
 
-def preset_pipelines(preset, size, min_scale=None):
+def preset_pipelines(preset, size, min_scale=None, invert_prob=0.0):
     """Return (large-crop pipelines, small-crop pipeline) of a preset at crop `size`.
 
     One large pipeline means every large view uses it; two mean views alternate between them.
-    `min_scale` replaces the smallest area fraction of the large crops (small crops keep theirs).
+    `min_scale` replaces the smallest area fraction of the large crops (small crops keep theirs);
+    `invert_prob` is the probability that a view (any view) is inverted, its last colour step.
     """
     if min_scale is not None and not 0 < min_scale <= 1:
         raise UsageError(f"--min-scale must be in (0, 1], got {min_scale}")
+    if not 0 <= invert_prob <= 1:
+        raise UsageError(f"--invert-prob must be in [0, 1], got {invert_prob}")
+    large, small = _preset(preset, size)
+    large = [dataclasses.replace(p, invert_p=invert_prob) for p in large]
+    if min_scale is not None:
+        large = [dataclasses.replace(p, scale=(min_scale, 1.0)) for p in large]
+    return large, dataclasses.replace(small, invert_p=invert_prob)
+
+
+def _preset(preset, size):
+    """The preset's (large pipelines, small pipeline), as RECIPES.md gives them."""
     imagenet = size >= IMAGENET_SIZE
     small_scale = (0.05, 0.14) if imagenet else (0.08, 0.5)
     strong_jitter = (0.8, 0.8, 0.8, 0.2)
@@ -75,17 +88,10 @@ def preset_pipelines(preset, size, min_scale=None):
     elif preset == "multicrop":
         swav = Pipeline(scale=(0.2, 1.0), jitter=(0.6, 0.6, 0.6, 0.2))
         large = [swav, dataclasses.replace(swav, solarize_p=0.2)]
-        small = Pipeline(scale=small_scale, jitter=strong_jitter, blur_p=0.1, solarize_p=0.1)
-        return with_min_scale(large, min_scale), small
+        return large, Pipeline(scale=small_scale, jitter=strong_jitter, blur_p=0.1, solarize_p=0.1)
     else:
         raise UsageError(f"unknown augmentation preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    small = dataclasses.replace(large[0], scale=small_scale)
-    return with_min_scale(large, min_scale), small
-
-
-def with_min_scale(pipelines, min_scale):
-    """The pipelines with their crop scale set to (min_scale, 1); unchanged when min_scale is None."""
-    return pipelines if min_scale is None else [dataclasses.replace(p, scale=(min_scale, 1.0)) for p in pipelines]
+    return large, dataclasses.replace(large[0], scale=small_scale)
 
 
 def blur_kernel_size(size):
@@ -104,6 +110,8 @@ def build_pipeline(spec, size, mean, std):
         steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=spec.blur_p))
     if spec.solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=spec.solarize_p))
+    if spec.invert_p > 0:
+        steps.append(v2.RandomInvert(p=spec.invert_p))
     steps += [
         v2.RandomHorizontalFlip(0.5),
         v2.ToDtype(torch.float32, scale=True),
@@ -140,12 +148,13 @@ def default_small_size(size):
     return round(size * 18 / 32) if size < IMAGENET_SIZE else round(size * 96 / 224)
 
 
-def pretrain_transform(preset, size, mean, std, num_large=2, num_small=0, small_size=None, min_scale=None):
+def pretrain_transform(preset, size, mean, std, num_large=2, num_small=0, small_size=None, min_scale=None,
+                       invert_prob=0.0):
     """Build the multi-view transform of `preset` with `num_large` crops of `size` pixels and
     `num_small` crops of `small_size` pixels (multi-crop works with every preset)."""
     if num_large < 1 or num_small < 0:
         raise UsageError(f"need at least one large crop and no negative count (got {num_large}, {num_small})")
-    large_specs, small_spec = preset_pipelines(preset, size, min_scale)
+    large_specs, small_spec = preset_pipelines(preset, size, min_scale, invert_prob)
     small_size = small_size or default_small_size(size)
     large = [build_pipeline(spec, size, mean, std) for spec in large_specs]
     small = build_pipeline(small_spec, small_size, mean, std)

@@ -26,7 +26,7 @@ GENERIC_DEFAULTS = dict(data_dir="./data", workers=min(8, os.cpu_count() or 1), 
                         precision="auto", data_backend="torchvision", resume=None, max_steps=0, knn_every=0,
                         umap_every=0, log_every=50, log="none", channels_last=None, compile=False,
                         warmup_start_lr=3e-5, min_lr=0.0, num_large_crops=2, num_small_crops=0,
-                        small_crop_size=None, min_scale=None, grad_clip=0.0, train_subset=0)
+                        small_crop_size=None, min_scale=None, invert_prob=0.0, grad_clip=0.0, train_subset=0)
 DATASET_OVERRIDES = {"stl10": dict(crop_size=96)}
 
 
@@ -68,6 +68,7 @@ def parser(method, doc, recipes):
     add("--num-small-crops", "small crops per image (multi-crop)", type=int)
     add("--small-crop-size", "small crop size [default: 18 for 32px crops, 96 for 224px]", type=int)
     add("--min-scale", "smallest area fraction of a large crop [default: the preset's, 0.08 or 0.2]", type=float)
+    add("--invert-prob", "probability that a view is colour-inverted (1 - x), after the preset's steps", type=float)
     add("--grad-clip", "clip the gradient norm to this value (0: off)", type=float)
     add("--train-subset", "train on the first N images and validate on at most max(N, 256) (quick runs, tests; 0: all)", type=int)
     add("--workers", "data loader worker processes per process", type=int)

@@ -196,6 +196,8 @@ def folder_samples(dataset):
 
 def dali_loader(dataset, views, mean, std, batch_size, seed, rank=0, world_size=1, device="cpu", threads=2):
     """The pretraining loader of `--data-backend dali` for a folder dataset."""
+    if any(spec.invert_p > 0 for spec, _ in views):
+        raise UsageError("--invert-prob is not implemented in the DALI graph: use --data-backend torchvision or device")
     paths, targets = folder_samples(dataset)
     if len(paths) // world_size < batch_size:
         raise UsageError(f"dataset has {len(paths) // world_size} images per process, fewer than --batch-size {batch_size}")

@@ -31,11 +31,11 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # columns of params["jitter"]
 
 
-def view_specs(preset, size, num_large=2, num_small=0, small_size=None, min_scale=None):
+def view_specs(preset, size, num_large=2, num_small=0, small_size=None, min_scale=None, invert_prob=0.0):
     """[(Pipeline, crop side)] per view, large crops first: the layout of augment.pretrain_transform."""
     if num_large < 1 or num_small < 0:
         raise UsageError(f"need at least one large crop and no negative count (got {num_large}, {num_small})")
-    large, small = augment.preset_pipelines(preset, size, min_scale)
+    large, small = augment.preset_pipelines(preset, size, min_scale, invert_prob)
     small_size = small_size or augment.default_small_size(size)
     return [(large[i % len(large)], size) for i in range(num_large)] + [(small, small_size)] * num_small
 
@@ -88,7 +88,9 @@ def sample_params(spec, heights, widths, gen):
     order = torch.rand((n, 4), generator=gen, device=gen.device).argsort(1)
     return dict(box=torch.stack([top, left, h, w], 1), jitter_on=jitter_on, jitter=jitter, order=order,
                 gray=coin(spec.gray_p), blur=coin(spec.blur_p), sigma=_uniform(*augment.BLUR_SIGMA, n, gen),
-                solarize=coin(spec.solarize_p), flip=coin(0.5))
+                solarize=coin(spec.solarize_p), flip=coin(0.5),
+                # drawn last and only when used: runs without --invert-prob keep their random stream
+                invert=coin(spec.invert_p) if spec.invert_p > 0 else torch.zeros(n, dtype=torch.bool, device=gen.device))
 
 
 def _cubic(x, a=-0.5):
@@ -191,6 +193,7 @@ def apply_view(images, params, size, mean, std):
         x[blurred] = gaussian_blur(x[blurred], params["sigma"][blurred], augment.blur_kernel_size(size))
     threshold = augment.SOLARIZE_THRESHOLD / 255
     x = torch.where(params["solarize"].view(-1, 1, 1, 1) & (x >= threshold), 1 - x, x)
+    x = torch.where(params["invert"].view(-1, 1, 1, 1), 1 - x, x)
     return (x - mean) / std
 
 

@@ -141,7 +141,7 @@ def build_data(args, run):
             val_set = torch.utils.data.Subset(val_set, range(min(len(val_set), max(args.train_subset, 256))))
     mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
     crops = dict(num_large=args.num_large_crops, num_small=args.num_small_crops, small_size=args.small_crop_size,
-                 min_scale=args.min_scale)
+                 min_scale=args.min_scale, invert_prob=args.invert_prob)
     if backend == "device":
         views = device_augment.view_specs(args.preset, args.crop_size, **crops)
         loader = device_augment.device_loader(train_set, views, mean, std, args.batch_size, args.seed, run.rank,

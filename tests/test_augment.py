@@ -138,3 +138,22 @@ def test_min_scale_bounds_the_crop_area():
 def test_min_scale_out_of_range_is_a_usage_error(value):
     with pytest.raises(UsageError, match="min-scale"):
         preset_pipelines("asymmetric", 32, min_scale=value)
+
+
+def test_invert_probability_on_every_view():
+    torch.manual_seed(0)
+    white = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    assert all(p.invert_p == 0 for p in preset_pipelines("ressl", 32)[0])  # no preset inverts
+    # ressl never solarizes, and jitter keeps white >= 0.6: only the inversion takes a view below 0.5.
+    transform = pretrain_transform("ressl", 32, *IDENTITY, num_small=1, invert_prob=0.3)
+    views = [transform(white) for _ in range(400)]
+    for i in range(3):  # strong, weak and small views alike
+        dark = sum(bool(vs[i].amax() < 0.5) for vs in views) / len(views)
+        assert abs(dark - 0.3) < binomial_tolerance(0.3, len(views))
+        assert all(vs[i].amax() < 0.5 or vs[i].amin() >= 0.5 for vs in views)  # inverted whole, or not at all
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_invert_probability_out_of_range_is_a_usage_error(value):
+    with pytest.raises(UsageError, match="invert-prob"):
+        preset_pipelines("asymmetric", 32, invert_prob=value)

@@ -70,6 +70,8 @@ def test_errors_name_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed
     with pytest.raises(UsageError, match="pip install -r requirements-dali.txt"):
         dali.check_available("folder")
+    with pytest.raises(UsageError, match="--invert-prob is not implemented in the DALI graph"):
+        dali.dali_loader(None, view_specs("asymmetric", 32, invert_prob=0.5), (0.5,) * 3, (0.5,) * 3, 8, 0)
 
 
 @needs_dali

@@ -171,6 +171,14 @@ def test_grayscale_and_solarize_fractions():
     assert first == 0 and abs(second - 0.2) < binomial_tolerance(0.2, n)
     dark = (loader_views(white[:500], "vicreg", 500)[0].flatten(1).mean(1) < 0.5).float().mean()
     assert abs(dark - 0.1) < binomial_tolerance(0.1, 500)
+    # --invert-prob: ressl never solarizes, so a dark view of a white image is an inverted one.
+    ds = data.ImageTensorDataset(white[:500], torch.zeros(500), 1, 32)
+    views = dev.view_specs("ressl", 32, invert_prob=0.3)
+    loader = dev.device_loader(ds, views, *IDENTITY, 500, 0)
+    loader.sampler.set_epoch(0)
+    for view in next(iter(loader))[0]:
+        dark = (view.flatten(1).amax(1) < 0.5).float().mean()
+        assert abs(dark - 0.3) < binomial_tolerance(0.3, 500)
 
 
 def test_output_statistics_match_torchvision():

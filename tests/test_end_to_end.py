@@ -125,6 +125,7 @@ def bad_inputs(tmp_path):
         "zero epochs": ["--epochs", "0"],
         "not a number": ["--lr", "fast"],
         "crop scale out of range": ["--min-scale", "1.5"],
+        "inversion probability out of range": ["--invert-prob", "2"],
     }
 
 
