@@ -46,7 +46,7 @@ RECIPES = {
     # 8000 images: 100 prototypes and a queue of 3 batches keep several samples per prototype in Sinkhorn.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,
-                      min_scale=0.3, invert_prob=0.5, temperature=0.1, epsilon=0.05, sinkhorn_iters=3, num_prototypes=100,
+                      min_scale=0.3, temperature=0.1, epsilon=0.05, sinkhorn_iters=3, num_prototypes=100,
                       queue_size=768, queue_start_epoch=2, freeze_prototypes_epochs=1, proj_hidden_dim=512,
                       proj_output_dim=128, data_backend="device", workers=2),
 }
