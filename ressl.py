@@ -42,7 +42,7 @@ RECIPES = {
     # 30% of the image, AdamW.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="ressl", crop_size=16,
-                      min_scale=0.3, invert_prob=0.5, student_temperature=0.1, teacher_temperature=0.04, proj_hidden_dim=512,
+                      min_scale=0.3, student_temperature=0.1, teacher_temperature=0.04, proj_hidden_dim=512,
                       proj_output_dim=128, queue_size=4096, base_tau=0.99, final_tau=1.0, data_backend="device",
                       workers=2),
 }
