@@ -23,7 +23,8 @@ from common.backbones import build_backbone, load_backbone  # noqa: E402
 
 def spectrum_stats(features, nuisance, labels, num_classes, top=5):
     """(effective rank, PC1 variance share, |corr(PC1, nuisance)|, R^2 of the top PCs by the class one-hot)."""
-    centred = features.double() - features.double().mean(0)
+    features = features.double()
+    centred = features - features.mean(0)
     u, s, _ = torch.linalg.svd(centred, full_matrices=False)
     share = s**2 / (s**2).sum()
     effective_rank = torch.exp(-(share * share.clamp_min(1e-300).log()).sum())

@@ -90,7 +90,7 @@ def sample_params(spec, heights, widths, gen):
                 gray=coin(spec.gray_p), blur=coin(spec.blur_p), sigma=_uniform(*augment.BLUR_SIGMA, n, gen),
                 solarize=coin(spec.solarize_p), flip=coin(0.5),
                 # drawn last and only when used: runs without --invert-prob keep their random stream
-                invert=coin(spec.invert_p) if spec.invert_p > 0 else torch.zeros(n, dtype=torch.bool, device=gen.device))
+                **({"invert": coin(spec.invert_p)} if spec.invert_p > 0 else {}))
 
 
 def _cubic(x, a=-0.5):
@@ -193,7 +193,8 @@ def apply_view(images, params, size, mean, std):
         x[blurred] = gaussian_blur(x[blurred], params["sigma"][blurred], augment.blur_kernel_size(size))
     threshold = augment.SOLARIZE_THRESHOLD / 255
     x = torch.where(params["solarize"].view(-1, 1, 1, 1) & (x >= threshold), 1 - x, x)
-    x = torch.where(params["invert"].view(-1, 1, 1, 1), 1 - x, x)
+    if "invert" in params:  # --invert-prob: no extra pass over the batch when it is off
+        x = torch.where(params["invert"].view(-1, 1, 1, 1), 1 - x, x)
     return (x - mean) / std
 
 
