@@ -55,7 +55,7 @@ RECIPES = {
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,
                       min_scale=0.8, invert_prob=0.5,
                       **{**_DINO, "proj_hidden_dim": 512, "proj_output_dim": 128, "num_prototypes": 1024,
-                         "base_tau": 0.99, "use_bn_in_head": True, "teacher_temp": 0.02, "warmup_teacher_temp": 0.02},
+                         "base_tau": 0.99, "use_bn_in_head": True, "teacher_temp": 0.02},
                       warmup_teacher_temp_epochs=0, data_backend="device", workers=2),
 }
 # Transformers: facebookresearch/dino main_dino.py defaults (commit 7c446df): AdamW, lr 5e-4 per 256

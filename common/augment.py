@@ -45,7 +45,7 @@ class Pipeline:
     gray_p: float = 0.2
     blur_p: float = 0.0
     solarize_p: float = 0.0
-    invert_p: float = 0.0  # 1 - x on the whole view; set by --invert-prob only (SimSiam's synthetic recipe), never a preset
+    invert_p: float = 0.0  # 1 - x on the whole view; set by --invert-prob only (recipes), never by a preset
 
 
 def preset_pipelines(preset, size, min_scale=None, invert_prob=0.0):
