@@ -39,10 +39,11 @@ RECIPES = {
                      teacher_temperature=0.04, proj_hidden_dim=4096, proj_output_dim=256, queue_size=65536,
                      base_tau=0.99, final_tau=1.0),
     # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
-    # 30% of the image, AdamW.
-    "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
+    # 30% of the image, AdamW. Two changes, measured at seeds 0-2: a softer teacher (0.085; at 0.04 the targets
+    # sharpen the background brightness until kNN falls below the random init) and 40 epochs instead of 20.
+    "synthetic": dict(backbone="resnet_narrow", epochs=40, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="ressl", crop_size=16,
-                      min_scale=0.3, student_temperature=0.1, teacher_temperature=0.04, proj_hidden_dim=512,
+                      min_scale=0.3, student_temperature=0.1, teacher_temperature=0.085, proj_hidden_dim=512,
                       proj_output_dim=128, queue_size=4096, base_tau=0.99, final_tau=1.0, data_backend="device",
                       workers=2),
 }
