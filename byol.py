@@ -16,7 +16,6 @@ Target update after every step: xi <- tau * xi + (1 - tau) * theta, tau rising 0
 """
 import copy
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -44,12 +43,12 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = cli.parser("byol", __doc__, RECIPES)
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width (z)")
-    p.add_argument("--pred-hidden-dim", type=int, help="predictor hidden width")
-    p.add_argument("--base-tau", type=float, help="target momentum at the first step")
-    p.add_argument("--final-tau", type=float, help="target momentum at the last step")
+    p, add = cli.parser("byol", __doc__, RECIPES)
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width (z)")
+    add("--pred-hidden-dim", cli.positive_int, "predictor hidden width")
+    add("--base-tau", cli.momentum, "target momentum at the first step")
+    add("--final-tau", cli.momentum, "target momentum at the last step")
     return cli.resolve(p, argv, "byol", RECIPES)
 
 
@@ -61,20 +60,21 @@ def mlp(in_dim, hidden_dim, out_dim):
 
 
 class BYOL(nn.Module):
-    """Online network: backbone -> projector -> predictor, plus the online probe on sg(features).
-    `target()` builds the momentum copy of backbone + projector."""
+    """Online network: backbone -> projector -> predictor, plus the online probe on sg(features) of every large
+    crop. `target()` builds the momentum copy of backbone + projector."""
 
-    def __init__(self, backbone, feature_dim, proj_hidden, proj_out, pred_hidden, num_classes):
+    def __init__(self, backbone, feature_dim, proj_hidden, proj_out, pred_hidden, num_classes, num_large_crops=2):
         super().__init__()
         self.backbone = backbone
         self.projector = mlp(feature_dim, proj_hidden, proj_out)
         self.predictor = mlp(proj_out, pred_hidden, proj_out)
         self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+        self.num_large_crops = num_large_crops
 
     def forward(self, views):
         feats = [self.backbone(v) for v in views]
         predictions = [self.predictor(self.projector(f)) for f in feats]
-        return predictions, self.probe(feats[0].detach())
+        return predictions, self.probe(torch.cat(feats[:self.num_large_crops]).detach())
 
     def target(self):
         return nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.projector))
@@ -93,7 +93,7 @@ def train(args):
     datasets = build_data(args, run)
     backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
     model = BYOL(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, args.pred_hidden_dim,
-                 datasets.num_classes)
+                 datasets.num_classes, args.num_large_crops)
     target = model.target()  # starts equal to the online backbone + projector
     train_model = prepare_model(model, run)
     target = prepare_model(target, run, trained=False)
@@ -111,7 +111,7 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "byol", args, epoch, step, state)
+    save = lambda epoch, step: run.save(last_pt, "byol", epoch, step, state)
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
@@ -119,13 +119,13 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), target.train()  # the target's BN uses batch statistics, like the online one
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             tau = optim.cosine_tau(step, total_steps, args.base_tau, args.final_tau)
             views = [run.to_device(v) for v in views]
-            labels = labels.to(run.device)
+            labels = run.labels_to_device(labels)
             with run.autocast():
                 predictions, logits = train_model(views)
                 with torch.no_grad():
@@ -135,29 +135,18 @@ def train(args):
             optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             optim.momentum_update(online, target, tau)
             step += 1
-            losses.append(loss.item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr, "tau": tau})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr, tau=tau):
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics, {"tau": tau})
+        epoch_summary(run, meter, step, lr, metrics, {"tau": tau})
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

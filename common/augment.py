@@ -1,6 +1,6 @@
 """Augmentation presets of solo-learn's recipes, built on torchvision.transforms.v2.
 
-Every preset is one or two pipelines of the same shape (RECIPES.md):
+Every preset is one or two pipelines of the same shape (the table in `_preset`):
 RandomResizedCrop (bicubic) -> ColorJitter with prob p -> Grayscale -> GaussianBlur ->
 Solarize -> HorizontalFlip -> float in [0, 1] -> Normalize.
 All steps but the last two run on uint8 CHW tensors, the cheapest format for v2 kernels.
@@ -27,7 +27,19 @@ NORMALIZATION = {
 NORMALIZATION["imagenet100"] = NORMALIZATION["imagenet"]
 NORMALIZATION["folder"] = NORMALIZATION["imagenet"]
 
-PRESETS = ("asymmetric", "symmetric", "symmetric_weak", "ressl", "vicreg", "wmse", "multicrop")
+# One line per preset for --help (crop scale, jitter strength and probability, gray, blur, solarize per view;
+# the table below in _preset is the definition).
+PRESET_HELP = {
+    "asymmetric": "BYOL's two pipelines: crops 0.08-1, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2; "
+                  "blur 0/0 (1.0/0.1 at >= 96px), solarize 0/0.2",
+    "symmetric": "one pipeline: crops 0.08-1, strong jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray 0.2, blur 0.5",
+    "symmetric_weak": "one pipeline: crops 0.08-1, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray 0.2, blur 0.5",
+    "ressl": "a strong view (jitter p 0.8, gray 0.2, blur 0.5) and a weak one (crop and flip only)",
+    "vicreg": "crops 0.2-1, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, solarize 0.1",
+    "wmse": "crops 0.2-1, strong jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray 0.2",
+    "multicrop": "SwAV: 2 large crops 0.2-1 + small crops 0.08-0.5 (0.05-0.14 at >= 96px) with --num-small-crops",
+}
+PRESETS = tuple(PRESET_HELP)
 
 # At and above this crop size the ImageNet variants of the presets apply.
 IMAGENET_SIZE = 96
@@ -37,7 +49,7 @@ SOLARIZE_THRESHOLD = 128  # uint8 pixels at or above it are inverted
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-    """Parameters of one augmentation pipeline (one side of a row of RECIPES.md's table)."""
+    """Parameters of one augmentation pipeline (one view's side of a preset)."""
 
     scale: tuple = (0.08, 1.0)
     jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
@@ -67,7 +79,7 @@ def preset_pipelines(preset, size, min_scale=None, invert_prob=0.0):
 
 
 def _preset(preset, size):
-    """The preset's (large pipelines, small pipeline), as RECIPES.md gives them."""
+    """The preset's (large pipelines, small pipeline): solo-learn's augmentations per method (docs/fidelity.md)."""
     imagenet = size >= IMAGENET_SIZE
     small_scale = (0.05, 0.14) if imagenet else (0.08, 0.5)
     strong_jitter = (0.8, 0.8, 0.8, 0.2)

@@ -5,6 +5,7 @@ recipe for the dataset's family (cifar, imagenet, synthetic), then from GENERIC_
 """
 import argparse
 import gc
+import math
 import multiprocessing
 import os
 import sys
@@ -14,8 +15,52 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
-class NonFiniteLoss(Exception):
+PREEMPTED_EXIT = 3  # exit status after a signal (SIGTERM, SIGINT, SIGUSR1) once last.pt is written: rerun to resume
+
+
+class Preempted(Exception):
+    """Raised after a signal once last.pt is written: exit status PREEMPTED_EXIT (docs/slurm.md requeues on it)."""
+
+
+class RunError(Exception):
+    """A run that cannot go on (a failed checkpoint write, ...): printed as one line, exit status 1."""
+
+
+class NonFiniteLoss(RunError):
     """The loss became NaN or inf: printed as one line, exit status 1; the last good last.pt stays."""
+
+
+# ---- flag types: each checks its range where the flag is declared, so a bad value is one line, exit 2 ----
+def _number(kind, test, rule):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value) or not test(value) or abs(value) > 1e12:
+            raise argparse.ArgumentTypeError(f"{text} is not {rule}")
+        return value
+    parse.__name__ = rule  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a positive finite number")
+nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+probability = _number(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+finite_float = _number(float, lambda v: True, "a finite number")
+momentum = _number(float, lambda v: 0 <= v <= 1, "a momentum in [0, 1]")
+
+
+def int_at_least(low):
+    return _number(int, lambda v: v >= low, f"an integer >= {low}")
+
+
+def every_n(text):
+    """--knn-every / --umap-every: N > 0 every N epochs, 0 at the end only, -1 never."""
+    return int_at_least(-1)(text)
 
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "folder", "synthetic")
@@ -28,6 +73,8 @@ GENERIC_DEFAULTS = dict(data_dir="./data", workers=min(8, os.cpu_count() or 1), 
                         warmup_start_lr=3e-5, min_lr=0.0, num_large_crops=2, num_small_crops=0,
                         small_crop_size=None, min_scale=None, invert_prob=0.0, grad_clip=0.0, train_subset=0)
 DATASET_OVERRIDES = {"stl10": dict(crop_size=96)}
+BACKBONE_NAMES = ("resnet18", "resnet50", "resnet_narrow", "vit_tiny", "vit_small", "vit_base", "swin_tiny",
+                  "swin_small", "swin_base")  # common.backbones.BACKBONES; its test checks they agree
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,57 +85,92 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser(method, doc, recipes):
-    """A parser with the common flags; the help of each flag lists the recipes' values for it."""
-    p = Parser(prog=f"{method}.py", description=doc.split("\n\n")[0],
+    """The parser with the common flags, in groups (data, model, optimisation, run), and a function that adds
+    the method's own flags to a group of their own: `add(flag, type, help)`. The help of every flag lists
+    the recipes' values for it; the description is the docstring's first two paragraphs (title and idea),
+    the epilog its commands."""
+    from common import augment  # imported here: augment imports this module's UsageError
+    paragraphs = doc.strip().split("\n\n")
+    commands = [x for x in paragraphs if x.lstrip().startswith(("python", "torchrun"))]
+    p = Parser(prog=f"{method}.py", usage="%(prog)s [options]", description="\n\n".join(paragraphs[:2]),
                formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog="Recipe values are used for flags left unset; any flag given overrides its recipe.")
+               epilog="examples:\n" + "\n".join(commands) + "\n\nRecipe values are used for flags left unset; "
+                      "any flag given overrides its recipe. Every numeric flag is checked for its range.")
+    groups = {name: p.add_argument_group(name) for name in ("data", "model", "optimisation", "run")}
+    groups["method"] = p.add_argument_group(f"method ({method})")
 
-    def add(flag, help, **kw):
-        dest = flag.lstrip("-").replace("-", "_")
-        values = [f"{fam} {r[dest]}" for fam, r in recipes.items() if dest in r]
-        default = GENERIC_DEFAULTS.get(dest)
-        extra = f" [recipe: {', '.join(values)}]" if values else f" [default: {default}]" if default is not None else ""
-        p.add_argument(flag, default=None, help=help + extra, **kw)
+    def adder(group):
+        def add(flag, type=None, help="", **kw):
+            dest = flag.lstrip("-").replace("-", "_")
+            values = [f"{fam} {r[dest]}" for fam, r in recipes.items() if dest in r]
+            default = GENERIC_DEFAULTS.get(dest)
+            extra = (f" [recipe: {', '.join(values)}]" if values
+                     else f" [default: {default}]" if default is not None and "[default" not in help else "")
+            if type is not None:
+                kw["type"] = type
+            groups[group].add_argument(flag, default=None, help=help.replace("%", "%%") + extra, **kw)
+        return add
 
-    add("--dataset", "dataset to pretrain on [default: synthetic]", choices=DATASETS)
-    add("--data-dir", "where datasets live (torchvision sets are downloaded here)")
-    add("--backbone", "resnet18, resnet50, resnet_narrow, vit_tiny/small/base, swin_tiny/small/base")
-    add("--epochs", "training epochs", type=int)
-    add("--batch-size", "batch size per process", type=int)
-    add("--lr", "base learning rate for a global batch of 256 (scaled by global batch / 256)", type=float)
-    add("--weight-decay", "weight decay", type=float)
-    add("--optimizer", "optimizer", choices=("lars", "sgd", "adam", "adamw"))
-    add("--warmup-epochs", "linear warmup epochs", type=float)
-    add("--warmup-start-lr", "lr at the first warmup step", type=float)
-    add("--min-lr", "lr at the end of the cosine", type=float)
-    add("--probe-lr", "online linear probe lr (scaled like --lr)", type=float)
-    add("--preset", "augmentation preset of RECIPES.md")
-    add("--crop-size", "large crop size in pixels", type=int)
-    add("--num-large-crops", "large crops per image", type=int)
-    add("--num-small-crops", "small crops per image (multi-crop)", type=int)
-    add("--small-crop-size", "small crop size [default: 18 for 32px crops, 96 for 224px]", type=int)
-    add("--min-scale", "smallest area fraction of a large crop [default: the preset's, 0.08 or 0.2]", type=float)
-    add("--invert-prob", "probability that a view is colour-inverted (1 - x), after the preset's steps", type=float)
-    add("--grad-clip", "clip the gradient norm to this value (0: off)", type=float)
-    add("--train-subset", "train on the first N images and validate on at most max(N, 256) (quick runs, tests; 0: all)", type=int)
-    add("--workers", "data loader worker processes per process", type=int)
-    add("--seed", "seed of model init, data order and augmentations", type=int)
-    add("--device", "auto picks CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
-    add("--precision", "auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU",
+    data, model, opt, run = (adder(g) for g in ("data", "model", "optimisation", "run"))
+    presets = "; ".join(f"{name}: {what}" for name, what in augment.PRESET_HELP.items())
+    data("--dataset", help="dataset to pretrain on [default: synthetic]", choices=DATASETS)
+    data("--data-dir", help="where datasets live (torchvision sets are downloaded here)")
+    data("--train-subset", nonneg_int, "train on the first N images and validate on at most max(N, 256) "
+         "(quick runs, tests; 0: all)")
+    data("--data-backend", help="torchvision loader, DALI (folder datasets) or batched on-device augmentation",
+         choices=("torchvision", "dali", "device"))
+    data("--workers", nonneg_int, "data loader worker processes per process")
+    data("--preset", help=f"augmentation preset ({presets})", choices=augment.PRESETS)
+    data("--crop-size", int_at_least(8), "large crop size in pixels")
+    data("--num-large-crops", positive_int, "large crops per image")
+    data("--num-small-crops", nonneg_int, "small crops per image (multi-crop)")
+    data("--small-crop-size", int_at_least(8), "small crop size [default: 18 for 32px crops, 96 for 224px]")
+    data("--min-scale", fraction, "smallest area fraction of a large crop [default: the preset's, 0.08 or 0.2]")
+    data("--invert-prob", probability, "probability that a view is colour-inverted (1 - x), after the preset's steps")
+    model("--backbone", help="resnet18, resnet50, resnet_narrow, vit_tiny/small/base, swin_tiny/small/base",
+          choices=BACKBONE_NAMES)
+    model("--channels-last", help="channels_last memory format [default: on for ResNets]",
+          action=argparse.BooleanOptionalAction)
+    model("--compile", help="torch.compile the backbone (and the momentum network) [default: off]",
+          action=argparse.BooleanOptionalAction)
+    opt("--epochs", positive_int, "training epochs")
+    opt("--batch-size", positive_int, "batch size per process")
+    opt("--optimizer", help="optimizer", choices=("lars", "sgd", "adam", "adamw"))
+    opt("--lr", positive_float, "base learning rate for a global batch of 256 (scaled by global batch / 256)")
+    opt("--weight-decay", nonneg_float, "weight decay")
+    opt("--warmup-epochs", nonneg_float, "linear warmup epochs")
+    opt("--warmup-start-lr", nonneg_float, "lr at the first warmup step")
+    opt("--min-lr", nonneg_float, "lr at the end of the cosine")
+    opt("--probe-lr", nonneg_float, "online linear probe lr (scaled like --lr)")
+    opt("--grad-clip", nonneg_float, "clip the gradient norm to this value (0: off)")
+    run("--seed", nonneg_int, "seed of model init, data order and augmentations")
+    run("--device", help="auto picks CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
+    run("--precision", help="auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU",
         choices=("auto", "fp32", "fp16", "bf16"))
-    add("--data-backend", "torchvision loader, DALI (folder datasets) or batched on-device augmentation",
-        choices=("torchvision", "dali", "device"))
-    add("--out-dir", "run folder [default: runs/<method>-<dataset>]")
-    add("--resume", "checkpoint to resume from [default: <out-dir>/last.pt when it exists]")
-    add("--max-steps", "stop after this many optimizer steps in all, as if training had ended (0: off)", type=int)
-    add("--knn-every", "kNN monitor every N epochs (0: at the end only, -1: never)", type=int)
-    add("--umap-every", "UMAP plot every N epochs (0: at the end only, -1: never)", type=int)
-    add("--log-every", "write a metrics line every N steps", type=int)
-    add("--log", "extra logger besides metrics.jsonl", choices=("none", "tensorboard", "wandb"))
-    add("--channels-last", "channels_last memory format [default: on for ResNets]",
-        action=argparse.BooleanOptionalAction)
-    add("--compile", "torch.compile the backbone [default: off]", action=argparse.BooleanOptionalAction)
-    return p
+    run("--out-dir", help="run folder [default: runs/<method>-<dataset>]")
+    run("--resume", help="checkpoint to resume from [default: <out-dir>/last.pt when it exists]")
+    run("--max-steps", nonneg_int, "stop after this many optimizer steps in all, as if training had ended (0: off)")
+    run("--knn-every", every_n, "kNN monitor every N epochs (0: at the end only, -1: never)")
+    run("--umap-every", every_n, "UMAP plot and training curves every N epochs (0: at the end only, -1: never)")
+    run("--log-every", positive_int, "read the loss and write a metrics line every N steps (the only steps "
+        "that wait on the device)")
+    run("--log", help="extra logger besides metrics.jsonl", choices=("none", "tensorboard", "wandb"))
+    return p, adder("method")
+
+
+def check_out_dir(path):
+    """--out-dir must be a folder, or a path whose nearest existing parent is a writable folder."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"--out-dir {path} is a file, not a folder: pass a folder path")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"--out-dir {path} is not writable: pass a folder you can write to")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out-dir {path} cannot be created ({parent} is not a writable folder)")
 
 
 def resolve(p, argv, method, recipes):
@@ -101,11 +183,13 @@ def resolve(p, argv, method, recipes):
             setattr(args, key, value)
     args.method = method
     args.out_dir = args.out_dir or os.path.join("runs", f"{method}-{args.dataset}")
+    check_out_dir(args.out_dir)
+    if args.resume is not None and not os.path.isfile(args.resume):
+        raise UsageError(f"--resume {args.resume}: no such file (omit --resume to continue from <out-dir>/last.pt)")
     if args.channels_last is None:
         args.channels_last = args.backbone.startswith("resnet")
-    for key in ("epochs", "batch_size"):
-        if getattr(args, key) <= 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.warmup_epochs > args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs} is more than --epochs {args.epochs}")
     return args
 
 
@@ -131,8 +215,13 @@ def run_main(main, argv=None):
         if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank fails alike: say it once
             print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Preempted as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(e, file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
+    except RunError as e:  # NonFiniteLoss, a failed checkpoint write: one line, status 1
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         stop_worker_processes()

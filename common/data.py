@@ -324,8 +324,8 @@ class TransformedDataset(Dataset):
 def leave_signals_to_main(worker_id):
     """DataLoader workers ignore SIGTERM/SIGINT (a cluster signals the whole process group): the main
     process finishes its step, writes last.pt and then shuts the workers down itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def pretrain_loader(dataset, transform, batch_size, workers, seed, rank=0, world_size=1, pin_memory=False):

@@ -11,12 +11,13 @@ import time
 from types import SimpleNamespace
 
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import augment, backbones, checkpoint, data, device_augment, dist, evaluation
-from common.cli import NonFiniteLoss, UsageError
+from common.cli import NonFiniteLoss, Preempted, RunError, UsageError
 
 
 class Run:
@@ -29,7 +30,9 @@ class Run:
         cuda = self.device.type == "cuda"
         precision = args.precision
         if precision == "auto":
-            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+            # Native bf16 only (Ampere and newer): emulated bf16 on a V100 or T4 is slow, fp16 is the better choice.
+            native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+            precision = ("bf16" if native_bf16 else "fp16") if cuda else "fp32"
         if precision == "fp16" and not cuda:
             raise UsageError("--precision fp16 needs a CUDA GPU: use fp32 (or bf16) on the CPU")
         self.precision = precision
@@ -38,9 +41,12 @@ class Run:
         if cuda:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        self.stop_signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.stop_signal = None  # a Python value, set by the handler: reading it never waits on the device
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # SIGUSR1: SLURM's --signal=B:USR1@120
             signal.signal(sig, self._on_signal)
+        # (epoch << 32) + step of the first step whose loss was not finite (-1: none), kept on the device and read
+        # only at log steps, at the epoch's end and before a checkpoint is written: the step never waits for it.
+        self.nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.metrics_file = self.extra_logger = None
         if self.is_main:
             os.makedirs(args.out_dir, exist_ok=True)
@@ -55,10 +61,51 @@ class Run:
         # Finish the current step, then checkpoint and exit (cluster preemption, Ctrl-C).
         self.stop_signal = signal.Signals(signum).name
 
-    def should_stop(self):
-        """True on every rank once any rank was signalled, so all ranks leave the loop together."""
-        flag = torch.tensor([self.stop_signal is not None], dtype=torch.float32, device=self.device)
-        return bool(dist.all_reduce_sum(flag).item() > 0) if self.world_size > 1 else bool(flag.item())
+    def watch_finite(self, loss, epoch, step):
+        """Record (epoch, step) on the device if `loss` is the first non-finite one (no host sync)."""
+        fine = torch.isfinite(loss.detach()).all() | (self.nonfinite_step >= 0)
+        self.nonfinite_step = torch.where(fine, self.nonfinite_step, (epoch << 32) + step)
+
+    def read_flags(self, values=()):
+        """One host sync: (the tensors in `values` as floats, averaged over ranks; the first non-finite step, -1 when
+        it happened on another rank, None when on none; whether any rank was signalled). Under DDP one all-reduce
+        carries them all; the last entry, this rank's own non-finite step, stays out of it."""
+        flags = torch.stack([*(v.detach().double().reshape(()) for v in values), (self.nonfinite_step >= 0).double(),
+                             torch.full((), float(self.stop_signal is not None), dtype=torch.float64,
+                                        device=self.device), self.nonfinite_step.double()])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flags[:-1])
+        *means, bad, signalled, own_bad = flags.tolist()
+        means = [m / self.world_size for m in means]
+        own_bad = int(own_bad)  # float64 holds (epoch << 32) + step exactly up to epoch 2**20
+        bad_step = (own_bad >> 32, own_bad & 0xFFFFFFFF) if own_bad >= 0 else (-1, -1) if bad else None
+        return means, bad_step, signalled > 0
+
+    @staticmethod
+    def raise_if_nonfinite(bad_step):
+        """bad_step: None (all finite), (epoch, step), or (-1, -1) when only another rank saw it."""
+        if bad_step is not None:
+            where = "on another rank" if bad_step[0] < 0 else f"at epoch {bad_step[0]}, step {bad_step[1]}"
+            raise NonFiniteLoss(f"loss is not finite {where}: stopping; last.pt holds the last good state "
+                                "(try a lower --lr, --grad-clip 1, or --precision fp32)")
+
+    def check_finite(self):
+        """NonFiniteLoss (on every rank) if any loss since the start was NaN or inf: one sync."""
+        self.raise_if_nonfinite(self.read_flags()[1])
+
+    def save(self, path, method, epoch, step, objects, extra=None):
+        """Check that no loss went non-finite (all ranks), then write last.pt on rank 0, so last.pt never holds
+        a non-finite state. A failed write (disk full) leaves the previous last.pt intact and stops with one line."""
+        self.check_finite()
+        if self.is_main:
+            try:
+                checkpoint.save(path, method, self.args, epoch, step, objects, extra)
+            except OSError as e:
+                raise RunError(f"could not write {path} ({e.strerror or e}): the previous last.pt is intact; "
+                               "free disk space or pass another --out-dir, then rerun to resume")
+
+    def meter(self, epoch, bar):
+        return StepMeter(self, epoch, bar)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -72,6 +119,11 @@ class Run:
     def to_device(self, images):
         fmt = torch.channels_last if self.args.channels_last else torch.contiguous_format
         return images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+
+    def labels_to_device(self, *tensors):
+        """Labels and indexes, copied without blocking the host (the loaders pin them on CUDA)."""
+        moved = [t.to(self.device, non_blocking=True) for t in tensors]
+        return moved[0] if len(moved) == 1 else moved
 
     def progress(self, iterable, epoch):
         return tqdm(iterable, desc=f"epoch {epoch}", disable=not self.is_main, dynamic_ncols=True, leave=False)
@@ -88,10 +140,55 @@ class Run:
         if self.extra_logger:
             self.extra_logger(metrics)
 
+    def preempted(self, reason, path, epoch, step):
+        """After a signal, once `path` is written: close and leave with exit status cli.PREEMPTED_EXIT."""
+        self.close()
+        raise Preempted(f"{reason} received: saved {path} at epoch {epoch}, step {step}; rerun the command to resume")
+
     def close(self):
         if self.metrics_file:
             self.metrics_file.close()
         dist.cleanup()
+
+
+class StepMeter:
+    """One epoch's bookkeeping: losses summed on the device, the progress bar and metrics line at --log-every
+    steps (the only steps that read anything back from the device), and the reason to stop, if any.
+    update() returns why to stop ("max_steps" or a signal's name) or None; a non-finite loss raises NonFiniteLoss."""
+
+    def __init__(self, run, epoch, bar):
+        self.run, self.epoch, self.bar = run, epoch, bar
+        self.loss_sum = torch.zeros((), device=run.device)
+        self.steps, self.images, self.start = 0, 0, time.time()
+        self.last_loss = float("nan")
+
+    def update(self, step, loss, batch_size, lr, **extra):
+        """After optimizer step number `step` (counted from 1). `loss` and tensor values in `extra` stay on the
+        device; they are read (and averaged over ranks) only every --log-every steps."""
+        run, args = self.run, self.run.args
+        self.loss_sum += loss.detach().float()
+        self.steps += 1
+        self.images += batch_size * run.world_size
+        stop = "max_steps" if args.max_steps and step >= args.max_steps else None
+        if step % args.log_every == 0:
+            names = [k for k, v in extra.items() if torch.is_tensor(v)]
+            (self.last_loss, *values), bad_step, signalled = run.read_flags([loss, *(extra[k] for k in names)])
+            run.raise_if_nonfinite(bad_step)
+            logged = {**extra, **dict(zip(names, values))}
+            speed = self.images / max(time.time() - self.start, 1e-9)
+            self.bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}")
+            run.log({"type": "step", "epoch": self.epoch, "step": step, "loss": self.last_loss, "lr": lr, **logged})
+            if signalled:
+                stop = run.stop_signal or "signal"
+        elif run.world_size == 1 and run.stop_signal:  # a Python flag: free to read on any step
+            stop = run.stop_signal
+        return stop
+
+    def mean_loss(self):
+        """The epoch's mean loss over steps and ranks (one sync, at the epoch's end)."""
+        (total,), bad_step, _ = self.run.read_flags([self.loss_sum])
+        self.run.raise_if_nonfinite(bad_step)
+        return total / max(1, self.steps)
 
 
 def _extra_logger(args, config):
@@ -183,18 +280,20 @@ def prepare_model(model, run, trained=True):
 
 
 def probe_loss(logits, labels):
-    """Cross-entropy of the online probe; rows labelled -1 (unlabelled) are ignored."""
-    if (labels >= 0).any():
-        return F.cross_entropy(logits.float(), labels, ignore_index=-1)
-    return logits.sum() * 0.0  # keeps the probe in the graph so DDP sees every parameter used
+    """Cross-entropy of the online probe, averaged over every large crop (solo-learn): `logits` holds the
+    crops' rows one batch after another, so labels repeat once per crop. Rows labelled -1 (unlabelled) are
+    ignored; with none labelled the loss is 0 and the probe stays in the graph (DDP sees every parameter used).
+    Dividing by the labelled count (at least 1) instead of branching on it keeps the step free of host syncs."""
+    labels = labels.repeat(len(logits) // len(labels))
+    total = F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="sum")
+    return total / (labels >= 0).sum().clamp(min=1)
 
 
 def optimizer_step(run, loss, optimizer, epoch, step, grad_clip=0.0, before_step=None):
     """Backward (scaled under fp16), optional clipping and a hook (e.g. to cancel frozen gradients),
-    then the step. A non-finite loss stops the run before any weight is touched."""
-    if not torch.isfinite(loss).item():
-        raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}: stopping; "
-                            f"last.pt holds the last good state (try a lower --lr or --precision fp32)")
+    then the step. A non-finite loss is recorded on the device (Run.watch_finite) and stops the run at the next
+    log step or checkpoint, before last.pt could hold it."""
+    run.watch_finite(loss, epoch, step)
     optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if grad_clip or before_step:
@@ -203,7 +302,7 @@ def optimizer_step(run, loss, optimizer, epoch, step, grad_clip=0.0, before_step
             before_step()
         if grad_clip:
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     run.scaler.step(optimizer)
     run.scaler.update()
 
@@ -213,6 +312,7 @@ def evaluate(run, datasets, backbone, probe, epoch, final=False):
     Runs on rank 0 (others wait), since it is a small fraction of an epoch. The RNG is forked so
     that evaluating never changes the training's random stream (resumed runs stay identical)."""
     args, metrics = run.args, {}
+    run.check_finite()  # a NaN model is not worth evaluating
     if run.is_main and datasets.val is not None:
         with torch.random.fork_rng(devices=[]):
             ctx = dict(device=run.device, channels_last=args.channels_last, autocast=run.autocast)
@@ -233,10 +333,11 @@ def evaluate(run, datasets, backbone, probe, epoch, final=False):
     return metrics
 
 
-def epoch_summary(run, epoch, step, losses, lr, images, seconds, metrics, extra=None):
+def epoch_summary(run, meter, step, lr, metrics, extra=None):
     """One metrics line per epoch and one printed summary line."""
-    line = {"type": "epoch", "epoch": epoch, "step": step, "loss": sum(losses) / max(1, len(losses)),
-            "lr": lr, "images_per_s": images / max(seconds, 1e-9), "time": time.time(), **metrics, **(extra or {})}
+    seconds = time.time() - meter.start
+    line = {"type": "epoch", "epoch": meter.epoch, "step": step, "loss": meter.mean_loss(), "lr": lr,
+            "images_per_s": meter.images / max(seconds, 1e-9), "time": time.time(), **metrics, **(extra or {})}
     run.log(line)
     run.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in line.items() if k not in ("type", "time")))
