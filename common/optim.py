@@ -13,8 +13,9 @@ class LARS(torch.optim.SGD):
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
-        # foreach=True: torch picks it itself on CUDA only; the per-tensor loop costs ~3 ops per tensor.
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0, foreach=True)
+        # fused: one kernel for the whole momentum step (torch's default on CPU is a per-tensor loop). A fused
+        # optimizer would take its gradients still scaled from a GradScaler: optimizer_step unscales them first.
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0, fused=True)
         for group in self.param_groups:
             group.setdefault("lars_weight_decay", weight_decay if not group.get("lars_exclude") else 0.0)
             group.setdefault("eta", eta)
@@ -61,13 +62,14 @@ def build_optimizer(name, groups, lr, weight_decay, momentum=0.9, eta=0.02):
         for g in groups:  # LARS applies weight decay itself, inside the trust ratio
             g["lars_weight_decay"] = g.pop("weight_decay", weight_decay)
         return LARS(groups, lr=lr, momentum=momentum, eta=eta)
-    # foreach=True: the multi-tensor update, which torch would pick by itself on CUDA only.
+    # fused: a few kernels per step in all, with Adam's step counters on the device (the multi-tensor path reads
+    # them back with .item()), and a GradScaler's inf check folded in instead of read back.
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     if name == "adam":  # W-MSE's optimizer: L2 penalty added to the gradient, not decoupled
-        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, foreach=True)
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, fused=True)
     raise ValueError(f"unknown optimizer {name}")
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import augment, backbones, checkpoint, data, device_augment, dist, evaluation
+from common import augment, backbones, checkpoint, data, device_augment, dist, evaluation, optim
 from common.cli import NonFiniteLoss, Preempted, RunError, UsageError
 
 
@@ -296,7 +296,8 @@ def optimizer_step(run, loss, optimizer, epoch, step, grad_clip=0.0, before_step
     run.watch_finite(loss, epoch, step)
     optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    if grad_clip or before_step:
+    # LARS' trust ratios need the true gradients: unscale before its (fused) step would see them scaled.
+    if grad_clip or before_step or (run.scaler.is_enabled() and isinstance(optimizer, optim.LARS)):
         run.scaler.unscale_(optimizer)
         if before_step:
             before_step()
