@@ -13,6 +13,15 @@ Loss, with z = n(proj(x)), prototypes c_k of unit norm, scores s_v = z_v . c, T 
     L   = 1/|large| sum_{i large} 1/(V-1) sum_{v != i} mean_b  -sum_k q_i[b, k] log softmax(s_v[b] / T)_k
 The prototypes receive no update during the first --freeze-prototypes-epochs.
 
+Prototype normalisation follows official SwAV (facebookresearch/swav, main_swav.py): the rows are renormalised
+to unit norm, without gradient, before every step, and the step updates them as a plain Linear. solo-learn
+(solo/methods/swav.py, lines 72-77) instead wraps them in weight_norm with g fixed to 1, so W = V / ||V||_row
+is computed in the forward and the gradient flows through the normalisation to V. Both score with unit
+prototypes; the updates differ (ours: the plain gradient, then a projection onto the sphere; solo-learn's:
+the gradient projected onto the tangent of each row, scaled by 1 / ||V||_row).
+With --preset multicrop the cosine ends at --min-lr 0.0006 (solo-learn's scripts/pretrain/cifar-multicrop/
+swav.yaml) unless --min-lr is given.
+
     python swav.py --dataset synthetic                         # offline CPU demo, minutes
     python swav.py --dataset cifar10                           # solo-learn CIFAR recipe (2 crops)
     python swav.py --dataset cifar10 --preset multicrop --num-small-crops 6     # 2 x 32px + 6 x 18px
@@ -20,7 +29,6 @@ The prototypes receive no update during the first --freeze-prototypes-epochs.
         --preset multicrop --num-small-crops 6                                  # 2 x 224px + 6 x 96px
 """
 import os
-import time
 
 import torch
 import torch.distributed
@@ -53,38 +61,46 @@ RECIPES = {
 }
 
 
+MULTICROP_MIN_LR = 6e-4  # solo-learn's scripts/pretrain/cifar-multicrop/swav.yaml (scheduler.min_lr: 0.0006)
+
+
 def parse_args(argv=None):
-    p = cli.parser("swav", __doc__, RECIPES)
-    p.add_argument("--temperature", type=float, help="softmax temperature T of the swapped prediction")
-    p.add_argument("--epsilon", type=float, help="Sinkhorn-Knopp entropy regularisation eps")
-    p.add_argument("--sinkhorn-iters", type=int, help="Sinkhorn-Knopp iterations")
-    p.add_argument("--num-prototypes", type=int, help="number of prototypes K")
-    p.add_argument("--queue-size", type=int, help="queued features per large crop (0: no queue)")
-    p.add_argument("--queue-start-epoch", type=int, help="first epoch whose Sinkhorn uses the queue")
-    p.add_argument("--freeze-prototypes-epochs", type=int, help="epochs during which the prototypes are not updated")
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width (z)")
-    return cli.resolve(p, argv, "swav", RECIPES)
+    p, add = cli.parser("swav", __doc__, RECIPES)
+    add("--temperature", cli.positive_float, "softmax temperature T of the swapped prediction")
+    add("--epsilon", cli.positive_float, "Sinkhorn-Knopp entropy regularisation eps")
+    add("--sinkhorn-iters", cli.positive_int, "Sinkhorn-Knopp iterations")
+    add("--num-prototypes", cli.positive_int, "number of prototypes K")
+    add("--queue-size", cli.nonneg_int, "queued features per large crop (0: no queue)")
+    add("--queue-start-epoch", cli.nonneg_int, "first epoch whose Sinkhorn uses the queue")
+    add("--freeze-prototypes-epochs", cli.nonneg_int, "epochs during which the prototypes are not updated")
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width (z)")
+    args = cli.resolve(p, argv, "swav", RECIPES)
+    if args.preset == "multicrop" and p.parse_args(argv).min_lr is None:  # --min-lr not on the command line
+        args.min_lr = MULTICROP_MIN_LR
+    return args
 
 
 # ---- heads ----
 class SwAV(nn.Module):
     """Backbone -> projector (Linear-BN-ReLU-Linear) -> n(z) -> prototype scores (Linear without bias, whose
-    rows `normalize_prototypes` keeps unit-norm), and the online probe on sg(features)."""
+    rows `normalize_prototypes` keeps unit-norm), and the online probe on sg(features) of every large crop."""
 
-    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_prototypes, num_classes):
+    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_prototypes, num_classes,
+                 num_large_crops=2):
         super().__init__()
         self.backbone = backbone
         self.projector = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
                                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, output_dim))
         self.prototypes = nn.Linear(output_dim, num_prototypes, bias=False)
         self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+        self.num_large_crops = num_large_crops
 
     def forward(self, views):
         """views: list of image batches, large crops first. Returns (z per view, scores per view, probe logits)."""
         feats = [self.backbone(v) for v in views]
         z = [F.normalize(self.projector(f), dim=1) for f in feats]
-        return z, [self.prototypes(x) for x in z], self.probe(feats[0].detach())
+        return z, [self.prototypes(x) for x in z], self.probe(torch.cat(feats[:self.num_large_crops]).detach())
 
     @torch.no_grad()
     def normalize_prototypes(self):
@@ -108,18 +124,20 @@ def sinkhorn_knopp(scores, epsilon=0.05, iterations=3):
     Q = exp(scores / eps)^T (K x B, B = samples of all ranks) scaled to total 1; then `iterations` times:
     rows (prototypes) to 1/K each, then columns (samples) to 1/B each; returned as B * Q^T. So every
     sample's codes sum to 1, and right before the last column step every prototype held B/K samples.
-    All sums over samples are all-reduced: 2 ranks give the codes of 1 process on the joint batch."""
+    All sums over samples are all-reduced: 2 ranks give the codes of 1 process on the joint batch.
+    The constants drop out: a row step divides every row by its own sum and a column step every column by its
+    own, so a factor common to all of Q before either (the total, 1/K, 1/B, the final B) is undone by it. Rows
+    to sum 1, then columns to sum 1, give the same codes with no sample count to all-reduce (iterations >= 1)."""
+    if iterations < 1:
+        raise ValueError(f"Sinkhorn-Knopp needs at least 1 iteration, not {iterations}")
     logits = scores.double() / epsilon  # float64: exp(s / eps) keeps its range down to e^-700 for small eps
     # Shifting each prototype's row by its max over all samples scales that row of Q by a constant, which
     # the first row normalization undoes exactly.
     q = torch.exp(logits - _global_max(logits.max(dim=0).values)).T
-    num_prototypes = q.shape[0]
-    num_samples = dist.all_reduce_sum(torch.tensor(float(q.shape[1]), dtype=q.dtype, device=q.device))
-    q /= dist.all_reduce_sum(q.sum())
     for _ in range(iterations):
-        q /= dist.all_reduce_sum(q.sum(dim=1, keepdim=True)) * num_prototypes
-        q /= q.sum(dim=0, keepdim=True) * num_samples
-    return (q * num_samples).T.float()
+        q /= dist.all_reduce_sum(q.sum(dim=1, keepdim=True))  # each prototype's mass over every rank's samples
+        q /= q.sum(dim=0, keepdim=True)  # each sample's codes sum to 1
+    return q.T.float()
 
 
 def swav_loss(scores, queue_scores=None, num_large_crops=2, temperature=0.1, epsilon=0.05, sinkhorn_iters=3):
@@ -146,7 +164,7 @@ def train(args):
     datasets = build_data(args, run)
     backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
     model = SwAV(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, args.num_prototypes,
-                 datasets.num_classes)
+                 datasets.num_classes, args.num_large_crops)
     train_model = prepare_model(model, run)
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector, model.prototypes]),
                                 args.weight_decay, exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
@@ -170,8 +188,8 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(
-        last_pt, "swav", args, epoch, step, state, extra={"queue": queue.cpu(), "queue_filled": queue_filled})
+    save = lambda epoch, step: run.save(last_pt, "swav", epoch, step, state,
+                                        extra={"queue": queue.cpu(), "queue_filled": queue_filled})
     freeze = lambda: setattr(model.prototypes.weight, "grad", None)  # no step, no momentum, no weight decay
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
@@ -180,16 +198,16 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             views = [run.to_device(v) for v in views]
-            labels = labels.to(run.device)
+            labels = run.labels_to_device(labels)
             model.normalize_prototypes()
             with run.autocast():
                 z, scores, logits = train_model(views)
-            queue_scores = None
+            queue_scores = None  # queue_filled is a Python count: choosing the queue never reads the device
             if args.queue_size and epoch >= args.queue_start_epoch and queue_filled:
                 mine = queue[:, :queue_filled].tensor_split(run.world_size, dim=1)[run.rank]
                 queue_scores = [rows @ model.prototypes.weight.detach().T for rows in mine]
@@ -202,30 +220,18 @@ def train(args):
                 queue = torch.cat([keys, queue], dim=1)[:, :args.queue_size]
                 queue_filled = min(queue_filled + keys.shape[1], args.queue_size)
             step += 1
-            losses.append(loss.item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr,
-                         "queue_used": int(queue_scores is not None)})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr, queue_used=int(queue_scores is not None)):
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch_summary(run, meter, step, lr, metrics)
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

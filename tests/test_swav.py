@@ -4,13 +4,15 @@ import json
 import math
 import shutil
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from common.backbones import build_backbone
+from common.cli import UsageError
 from conftest import TINY, read_metrics, run_script, step_losses, torchrun
 from dist_swav import inputs
-from swav import SwAV, sinkhorn_knopp, swav_loss
+from swav import MULTICROP_MIN_LR, SwAV, parse_args, sinkhorn_knopp, swav_loss
 
 HEADS = ["--proj-hidden-dim", "32", "--proj-output-dim", "16", "--num-prototypes", "20"]
 
@@ -105,14 +107,43 @@ def test_swav_loss_matches_formula_and_codes_carry_no_gradient():
     assert abs(without_queue.item() - loss.item()) > 1e-4  # the queue changes the codes
 
 
+def test_sinkhorn_constants_drop_out():
+    """Algorithm 1 written out with its constants (total, 1/K, 1/B, the final B) gives the same codes as the
+    function, which leaves them out; 0 iterations (no column step, so no codes) is refused."""
+    scores = torch.randn(9, 4, generator=torch.Generator().manual_seed(2)).double()
+    q = torch.exp(scores / 0.5).T
+    num_prototypes, num_samples = q.shape
+    q = q / q.sum()
+    for _ in range(3):
+        q = q / q.sum(dim=1, keepdim=True) / num_prototypes
+        q = q / q.sum(dim=0, keepdim=True) / num_samples
+    assert torch.allclose(sinkhorn_knopp(scores, epsilon=0.5, iterations=3).double(), (q * num_samples).T, atol=1e-6)
+    with pytest.raises(ValueError):
+        sinkhorn_knopp(scores, iterations=0)
+
+
 def test_prototypes_stay_unit_norm_and_scores_are_cosines():
     net, dim = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6)), 6
-    model = SwAV(net, dim, 16, 8, 10, num_classes=3)
+    model = SwAV(net, dim, 16, 8, 10, num_classes=3, num_large_crops=2)
     model.normalize_prototypes()
     assert torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(10))
-    z, scores, _ = model([torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)])
+    z, scores, logits = model([torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)])
     assert all(torch.allclose(x.norm(dim=1), torch.ones(4)) for x in z)
     assert all(s.abs().max() <= 1 + 1e-6 for s in scores)
+    assert logits.shape == (8, 3)  # the probe sees both large crops (solo-learn), not the third (small) view
+
+
+def test_multicrop_min_lr_and_flag_ranges():
+    """solo-learn's cifar-multicrop/swav.yaml ends the cosine at 0.0006 (cifar/swav.yaml at 0): --preset
+    multicrop sets it unless --min-lr is given."""
+    assert parse_args(["--dataset", "cifar10"]).min_lr == 0.0
+    assert parse_args(["--dataset", "cifar10", "--preset", "multicrop"]).min_lr == MULTICROP_MIN_LR == 0.0006
+    assert parse_args(["--dataset", "cifar10", "--preset", "multicrop", "--min-lr", "0"]).min_lr == 0.0
+    assert parse_args(["--preset", "multicrop", "--min-lr", "1e-5"]).min_lr == 1e-5
+    for flag, value in [("--epsilon", "0"), ("--temperature", "-0.1"), ("--sinkhorn-iters", "0"),
+                        ("--queue-size", "-1"), ("--num-prototypes", "0"), ("--freeze-prototypes-epochs", "1.5")]:
+        with pytest.raises(UsageError):
+            parse_args([flag, value])
 
 
 def test_two_processes_give_the_codes_and_loss_of_one(tmp_path):
@@ -150,6 +181,11 @@ def test_multicrop_queue_frozen_prototypes_and_resume(tmp_path):
     assert used == {1: 0, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1}  # empty before the first enqueue
     args = json.loads((straight / "args.json").read_text())
     assert args["num_small_crops"] == 2 and args["preset"] == "multicrop"
+    assert args["min_lr"] == MULTICROP_MIN_LR  # the resolved value: --min-lr was not given
+    # and the schedule ends there: the 6th step (index 5) is 1/8 into the cosine after 4 warmup steps (12 steps
+    # in all), from the base lr 2e-3 * 16 / 256 = 1.25e-4 toward 6e-4 (min lr, not scaled by the batch)
+    lrs = {m["step"]: m["lr"] for m in read_metrics(straight) if m["type"] == "step"}
+    assert abs(lrs[6] - (6e-4 + (1.25e-4 - 6e-4) * 0.5 * (1 + math.cos(math.pi / 8)))) < 1e-12
 
     early, end_a, end_b = (torch.load(p, weights_only=True) for p in
                            (tmp_path / "step2.pt", straight / "last.pt", resumed / "last.pt"))
