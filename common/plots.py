@@ -1,5 +1,6 @@
-"""UMAP pictures of feature spaces. Imported lazily: umap-learn takes seconds to import and its
-first fit ~15 s more to JIT-compile."""
+"""Pictures of a run: UMAP of a feature space (umap_png) and training curves from metrics.jsonl (curves_png).
+Imported lazily: umap-learn takes seconds to import and its first fit ~15 s more to JIT-compile (it is imported
+inside umap_png only), matplotlib about a second."""
 import os
 
 import matplotlib
@@ -60,3 +61,69 @@ def umap_png(features, labels, path, title, max_points=10000, seed=0):
         plt.close(figure)
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+CURVES = (("loss", "training loss"), ("probe_acc1", "online probe acc@1 (%)"), ("knn_acc1", "kNN acc@1 (%)"))
+
+
+def read_epochs(metrics_path):
+    """The per-epoch lines of a metrics.jsonl, one per epoch (the last one written, should a resumed run have
+    logged an epoch twice), in epoch order."""
+    import json
+    epochs = {}
+    with open(metrics_path) as f:
+        for line in f:
+            if line.strip():
+                m = json.loads(line)
+                if m.get("type") == "epoch":
+                    epochs[m["epoch"]] = m
+    return [epochs[e] for e in sorted(epochs)]
+
+
+def curves_png(runs, path, title=None):
+    """Loss, probe acc@1 and kNN acc@1 against epoch, one panel each, one colour per run.
+
+    runs: [(legend label, per-epoch metric dicts)]. A metric a run never logged (no labels: no probe; kNN off)
+    is left out of its panel. Returns {metric: number of lines drawn}. Written atomically like umap_png."""
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
+    colours = plt.get_cmap("tab10")
+    drawn = {}
+    for (key, name), ax in zip(CURVES, axes):
+        drawn[key] = 0
+        for i, (label, epochs) in enumerate(runs):
+            points = [(m["epoch"] + 1, m[key]) for m in epochs if m.get(key) is not None]
+            if points:
+                x, y = zip(*points)
+                ax.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, color=colours(i % 10),
+                        label=label)
+                drawn[key] += 1
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if drawn[key]:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        figure.savefig(temporary, format="png", dpi=120)
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return drawn
+
+
+def run_curves_png(run_dir, path=None):
+    """curves.png of one run folder, labelled with its method and dataset (args.json)."""
+    import json
+    with open(os.path.join(run_dir, "args.json")) as f:
+        args = json.load(f)
+    label = f"{args.get('method')} on {args.get('dataset')}"
+    return curves_png([(label, read_epochs(os.path.join(run_dir, "metrics.jsonl")))],
+                      path or os.path.join(run_dir, "curves.png"), label)

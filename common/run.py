@@ -253,28 +253,36 @@ def build_data(args, run):
                                       run.world_size, pin_memory=run.device.type == "cuda")
     plain = augment.val_transform(args.crop_size, mean, std)
     eval_batch = max(args.batch_size, 256)
+
+    def eval_loader(dataset):  # this rank's shard: evaluate() splits the probe, features and kNN over ranks
+        return data.eval_loader(evaluation.Shard(dataset, run.rank, run.world_size), plain, eval_batch, args.workers,
+                                pin_memory=run.device.type == "cuda")
+    labelled = val_set is not None
     return SimpleNamespace(
         loader=loader, num_classes=train_set.num_classes, steps_per_epoch=len(loader), train_size=len(train_set),
-        val=data.eval_loader(val_set, plain, eval_batch, args.workers) if val_set is not None else None,
-        knn_train=data.eval_loader(train_set, plain, eval_batch, args.workers) if val_set is not None else None)
+        val=eval_loader(val_set) if labelled else None, knn_train=eval_loader(train_set) if labelled else None,
+        val_size=len(val_set) if labelled else 0)
 
 
 def prepare_model(model, run, trained=True):
-    """Move to the device; SyncBatchNorm and DistributedDataParallel when world size > 1.
-    Returns the module to call in training; `model` itself stays the one to save.
-    trained=False is for momentum (target) networks: no DDP, no gradients."""
+    """Move to the device; SyncBatchNorm when world size > 1 on GPUs; with --compile, torch.compile of the
+    backbone; DistributedDataParallel when world size > 1. Returns the module to call in training; `model`
+    itself stays the one to save (its state_dict keys never change: every step here works in place).
+    trained=False is for momentum (target) networks: no DDP, no gradients, its backbone compiled too.
+    The backbone is `model.backbone`, or `model[0]` of a target built as nn.Sequential(backbone, head)."""
     model.to(run.device)
     if run.args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if run.args.compile and hasattr(model, "backbone"):
-        model.backbone.compile()  # in place: state_dict keys stay unchanged
     if not trained:
         model.requires_grad_(False)
-    if run.world_size == 1:
-        return model
-    if run.device.type == "cuda":  # DDP supports SyncBatchNorm on GPUs only; CPU ranks keep local BN
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if not trained:
+    if run.world_size > 1 and run.device.type == "cuda":  # DDP supports SyncBatchNorm on GPUs only; CPU ranks
+        # keep local BN. Converted before compiling, so that the compiled graph holds the synchronised layers.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps BN children in place: same root module
+    if run.args.compile:
+        backbone = model.backbone if hasattr(model, "backbone") else model[0] if isinstance(model, nn.Sequential) \
+            else model
+        backbone.compile()  # in place (Module.compile): state_dict keys stay unchanged
+    if run.world_size == 1 or not trained:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
@@ -310,27 +318,35 @@ def optimizer_step(run, loss, optimizer, epoch, step, grad_clip=0.0, before_step
 
 def evaluate(run, datasets, backbone, probe, epoch, final=False):
     """Probe accuracy every epoch; kNN every --knn-every epochs and at the end; UMAP likewise.
-    Runs on rank 0 (others wait), since it is a small fraction of an epoch. The RNG is forked so
-    that evaluating never changes the training's random stream (resumed runs stay identical)."""
+
+    Every rank evaluates its shard of the validation and kNN-train sets (build_data's loaders): probe
+    counts are summed over ranks, validation features gathered back into dataset order, and the kNN runs on
+    the device, each rank searching its shard of the train features and the ranks' top-k merged, so every
+    rank returns the metrics one process computes. UMAP is drawn on rank 0 alone (the others wait for it in
+    their next collective: dist.setup's timeout covers it). The RNG is forked so that evaluating never
+    changes the training's random stream (resumed runs stay identical)."""
     args, metrics = run.args, {}
     run.check_finite()  # a NaN model is not worth evaluating
-    if run.is_main and datasets.val is not None:
-        with torch.random.fork_rng(devices=[]):
-            ctx = dict(device=run.device, channels_last=args.channels_last, autocast=run.autocast)
-            metrics = {f"probe_{k}": v for k, v in evaluation.probe_validate(backbone, probe, datasets.val, **ctx).items()}
-            knn_now = args.knn_every >= 0 and (final or (args.knn_every and (epoch + 1) % args.knn_every == 0))
-            umap_now = args.umap_every >= 0 and (final or (args.umap_every and (epoch + 1) % args.umap_every == 0))
-            if knn_now or umap_now:
-                val_feats, val_labels = evaluation.extract_features(backbone, datasets.val, **ctx)
-            if knn_now:
-                train_feats, train_labels = evaluation.extract_features(backbone, datasets.knn_train, **ctx)
-                metrics["knn_acc1"], metrics["knn_acc5"] = evaluation.knn_accuracy(
-                    train_feats, train_labels, val_feats, val_labels, datasets.num_classes)
-            if umap_now:
-                from common.plots import umap_png  # umap-learn imports slowly: only when drawing
-                umap_png(val_feats, val_labels, os.path.join(args.out_dir, "umap.png"),
-                         f"{args.method} on {args.dataset}, epoch {epoch}")
-    dist.barrier()
+    if datasets.val is None:
+        return metrics
+    knn_now = args.knn_every >= 0 and (final or (args.knn_every and (epoch + 1) % args.knn_every == 0))
+    umap_now = args.umap_every >= 0 and (final or (args.umap_every and (epoch + 1) % args.umap_every == 0))
+    ctx = dict(device=run.device, channels_last=args.channels_last, autocast=run.autocast)
+    with torch.random.fork_rng(devices=[]):
+        scores = evaluation.probe_validate(backbone, probe, datasets.val, sharded=True, **ctx)
+        metrics = {f"probe_{k}": v for k, v in scores.items()}
+        if knn_now or umap_now:
+            val_feats, val_labels = (evaluation.unshard(t, datasets.val_size) for t in
+                                     evaluation.extract_features(backbone, datasets.val, on_device=True, **ctx))
+        if knn_now:
+            train_feats, train_labels = evaluation.extract_features(backbone, datasets.knn_train, on_device=True, **ctx)
+            metrics["knn_acc1"], metrics["knn_acc5"] = evaluation.knn_accuracy(
+                train_feats, train_labels, val_feats, val_labels, datasets.num_classes, sharded=True)
+            del train_feats, train_labels  # the largest tensors of the run: free them before training resumes
+        if umap_now and run.is_main:
+            from common.plots import umap_png  # umap-learn imports slowly: only when drawing
+            umap_png(val_feats.cpu(), val_labels.cpu(), os.path.join(args.out_dir, "umap.png"),
+                     f"{args.method} on {args.dataset}, epoch {epoch}")
     return metrics
 
 
@@ -342,11 +358,22 @@ def epoch_summary(run, meter, step, lr, metrics, extra=None):
     run.log(line)
     run.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in line.items() if k not in ("type", "time")))
+    every = run.args.umap_every
+    if run.is_main and every > 0 and (meter.epoch + 1) % every == 0:
+        draw_curves(run.args)
+
+
+def draw_curves(args):
+    """curves.png (loss, probe and kNN acc@1 against epoch) from the run's metrics.jsonl, beside umap.png."""
+    from common.plots import run_curves_png  # matplotlib: imported only when drawing
+    run_curves_png(args.out_dir)
 
 
 def finish(run, backbone, feature_dim):
-    """Write backbone.pt for eval/ and users."""
+    """Write backbone.pt for eval/ and users, and curves.png unless --umap-every -1."""
     if run.is_main:
         args = run.args
         meta = backbones.backbone_metadata(args.backbone, args.crop_size, feature_dim, args.method)
         checkpoint.export_backbone(os.path.join(args.out_dir, "backbone.pt"), backbone, {**meta, "dataset": args.dataset})
+        if args.umap_every >= 0:
+            draw_curves(args)

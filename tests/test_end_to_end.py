@@ -41,6 +41,7 @@ def test_run_writes_every_file(method, tmp_path):
     assert meta["method"] == method and meta["dataset"] == "synthetic"
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, meta["feature_dim"])
     assert (out / "umap.png").exists() == (method == "simclr")
+    assert (out / "curves.png").exists() == (method == "simclr")  # curves follow --umap-every
 
 
 def test_backbone_pt_loads_into_stock_torchvision_resnet18(tmp_path):

@@ -1,0 +1,51 @@
+"""Training curves: curves_png and eval/plot.py on metrics files written here (no training needed)."""
+import json
+
+
+from common.plots import curves_png, read_epochs
+from conftest import run_script
+
+
+def write_run(folder, method, epochs, labelled=True, knn=True):
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps({"method": method, "dataset": "synthetic"}))
+    lines = []
+    for e in range(epochs):
+        lines.append({"type": "step", "epoch": e, "step": e + 1, "loss": 9.0})
+        line = {"type": "epoch", "epoch": e, "step": e + 1, "loss": 5.0 - e}
+        if labelled:
+            line["probe_acc1"] = 10.0 + e
+        if knn and e % 2 == 1:
+            line["knn_acc1"] = 20.0 + e
+        lines.append(line)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return folder
+
+
+def test_epochs_are_read_once_each_in_order(tmp_path):
+    run = write_run(tmp_path / "a", "byol", 3)
+    with open(run / "metrics.jsonl", "a") as f:  # a resumed run logged epoch 1 again: the last line wins
+        f.write(json.dumps({"type": "epoch", "epoch": 1, "step": 2, "loss": 0.5}) + "\n")
+    epochs = read_epochs(run / "metrics.jsonl")
+    assert [m["epoch"] for m in epochs] == [0, 1, 2] and epochs[1]["loss"] == 0.5
+
+
+def test_one_line_per_run_and_metric(tmp_path):
+    a = read_epochs(write_run(tmp_path / "a", "byol", 4) / "metrics.jsonl")
+    b = read_epochs(write_run(tmp_path / "b", "simclr", 4, knn=False) / "metrics.jsonl")
+    unlabelled = read_epochs(write_run(tmp_path / "c", "swav", 4, labelled=False, knn=False) / "metrics.jsonl")
+    drawn = curves_png([("byol", a), ("simclr", b), ("swav", unlabelled)], tmp_path / "all.png")
+    assert drawn == {"loss": 3, "probe_acc1": 2, "knn_acc1": 1}
+    assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A run without labels (no probe, no kNN) still plots its loss.
+    assert curves_png([("swav", unlabelled)], tmp_path / "u.png") == {"loss": 1, "probe_acc1": 0, "knn_acc1": 0}
+
+
+def test_plot_script_overlays_runs_and_rejects_a_folder_that_is_no_run(tmp_path):
+    a, b = write_run(tmp_path / "a", "byol", 2), write_run(tmp_path / "b", "byol", 2)
+    proc = run_script("eval/plot.py", a, b, "--out", tmp_path / "cmp.png")
+    assert (tmp_path / "cmp.png").exists() and "'loss': 2" in proc.stdout
+    (tmp_path / "empty").mkdir()
+    proc = run_script("eval/plot.py", tmp_path / "empty", "--out", tmp_path / "x.png", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'empty'} has no metrics.jsonl: pass the --out-dir of a training run"]
