@@ -4,10 +4,10 @@ ResNets are torchvision's own classes, so a saved state dict loads into a stock
 `torchvision.models.resnet18()` once the CIFAR stem is applied (see `cifar_stem`).
 ViT and Swin come from timm and are imported only when asked for (`import timm` costs ~10 s cold).
 """
-import torch
 import torch.nn as nn
 import torchvision
 
+from common import checkpoint
 from common.cli import UsageError
 
 RESNETS = ("resnet18", "resnet50", "resnet_narrow")
@@ -84,17 +84,23 @@ def backbone_metadata(name, image_size, feature_dim, method):
 
 
 def load_backbone(path, map_location="cpu"):
-    """Load a backbone.pt written by any method script; returns (module in eval mode, metadata dict)."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"checkpoint not found: {path} (pass the backbone.pt a run wrote to --out-dir)")
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
-    if not isinstance(ckpt, dict) or "backbone" not in ckpt:
-        raise UsageError(f"{path} is not a backbone.pt (no 'backbone' key): pass the backbone.pt of a run, not last.pt")
+    """Load a backbone.pt written by any method script; returns (module in eval mode, metadata dict).
+    Anything else (a last.pt, an eval/export.py export, a truncated file, a newer format, weights that do not
+    fit the architecture the file names) is a one-line UsageError naming what the file is."""
+    fix = "pass the backbone.pt a run writes to its --out-dir when it ends"
+    ckpt = checkpoint.read(path, "backbone.pt", fix, map_location)
+    if "image_size" not in ckpt or not isinstance(ckpt["backbone"], dict):
+        raise UsageError(f"{path} is a damaged backbone.pt (no image size or no state dict): {fix}")
+    if ckpt["name"] not in BACKBONES:
+        raise UsageError(f"{path} holds a backbone named {ckpt['name']!r}, which this code does not know "
+                         f"({', '.join(BACKBONES)})")
     net, dim = build_backbone(ckpt["name"], ckpt["image_size"])
-    net.load_state_dict(ckpt["backbone"], strict=True)
+    try:
+        net.load_state_dict(ckpt["backbone"], strict=True)
+    except RuntimeError as error:
+        reason = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "mismatch")
+        raise UsageError(f"{path}: the weights do not fit a {ckpt['name']} at {ckpt['image_size']}px "
+                         f"({reason[:200]}): the file is damaged or was edited") from None
     meta = {k: v for k, v in ckpt.items() if k != "backbone"}
     meta["feature_dim"] = dim
     return net.eval(), meta

@@ -1,21 +1,48 @@
 """Checkpoints: an atomic last.pt holding everything a resume needs, and backbone.pt for eval/.
 
 A checkpoint is a plain dict of state dicts, tensors and Python values, so it loads with
-`torch.load(..., weights_only=True)`.
+`torch.load(..., weights_only=True)`. Both kinds carry `"format": FORMAT`; a reader refuses a higher
+format (a file from a newer version of these scripts), and files without the key are format 1.
+
+`read` opens a file as the kind a caller expects (last.pt or backbone.pt) and turns everything else
+into one line naming what the file is: the other kind, an eval/export.py export, another method's
+last.pt, an empty, truncated or corrupt file, a folder, a newer format.
 """
+import contextlib
+import json
 import os
 import random
+import warnings
+import zipfile
 
 import torch
 
 from common.cli import UsageError
 
+FORMAT = 1  # the layout of last.pt and backbone.pt; bump it when a reader could misread a new one
+EXPORT_FORMATS = ("torchvision", "timm", "detectron2")  # eval/export.py's --format values
+
+
+def write_atomic(path, write):
+    """write(binary file) into a temporary file beside `path`, flush it to disk, then rename it to `path`: a kill,
+    a crash or a failed write (disk full) at any moment leaves the previous file intact, and a failed write
+    leaves no temporary file behind. The error itself is raised to the caller."""
+    tmp = f"{path}.tmp{os.getpid()}"  # same folder: the rename is atomic; the pid keeps concurrent writers apart
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
 
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a kill at any moment leaves the previous file intact."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through write_atomic."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def rng_state():
@@ -35,8 +62,112 @@ def set_rng_state(state):
 def save(path, method, args, epoch, step, objects, extra=None):
     """objects: name -> anything with state_dict() (models, optimizer, scaler);
     extra: name -> tensors or plain values (queues, pointers, centers, memory banks)."""
-    save_atomic({"method": method, "args": vars(args), "epoch": epoch, "step": step, "rng": rng_state(),
-                 **{name: obj.state_dict() for name, obj in objects.items()}, "extra": extra or {}}, path)
+    save_atomic({"format": FORMAT, "method": method, "args": vars(args), "epoch": epoch, "step": step,
+                 "rng": rng_state(), **{name: obj.state_dict() for name, obj in objects.items()},
+                 "extra": extra or {}}, path)
+
+
+# ---- reading: what a file is, and a one-line error when it is not what was expected ----
+def export_sidecar(path):
+    """The FILE.json eval/export.py writes next to an export, or None."""
+    try:
+        with open(f"{path}.json") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("format") in EXPORT_FORMATS else None
+
+
+def kind_of(obj):
+    """"last.pt", "backbone.pt", "state dict" (bare weights, as eval/export.py writes) or None."""
+    if not isinstance(obj, dict):
+        return None
+    if "backbone" in obj and "name" in obj:
+        return "backbone.pt"
+    if "method" in obj and "epoch" in obj and "rng" in obj:
+        return "last.pt"
+    if obj and all(torch.is_tensor(v) for v in obj.values()):
+        return "state dict"
+    return None
+
+
+def describe(obj, path):
+    """What a loaded file is, in a few words, for error messages."""
+    kind, sidecar = kind_of(obj), export_sidecar(path)
+    if sidecar is not None and kind in ("state dict", None):
+        return f"an eval/export.py {sidecar['format']} export (of {sidecar.get('source', '?')})"
+    if kind == "backbone.pt":
+        return f"a backbone.pt (the final weights of a {obj.get('method', '?')} run)"
+    if kind == "last.pt":
+        return f"a last.pt (the resume state of a {obj['method']} run)"
+    if kind == "state dict":
+        return "a bare state dict (weights without metadata, like an eval/export.py export)"
+    return "not a checkpoint written by these scripts"
+
+
+def _unreadable(path):
+    """Why torch.load failed on `path`, in words: empty, truncated, a plain pickle, ..."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (an interrupted copy or write?)"
+    if zipfile.is_zipfile(path):
+        return "its archive is corrupt"
+    with open(path, "rb") as f:
+        first = f.read(1)
+    if first == b"\x80":  # a pickle, not torch.save's zip archive
+        return "it is a pickle, not a torch.save file"
+    return f"it is truncated or not a PyTorch file ({size} bytes, no zip archive)"
+
+
+def read(path, expected, fix, map_location="cpu", mmap=False):
+    """Load `path` (weights_only) and check it is `expected` ("last.pt" or "backbone.pt") in a format this code
+    reads; anything else is a one-line UsageError naming what the file is, ending in `fix`."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UsageError(f"checkpoint not found: {path} ({fix})")
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder, not a {expected} file ({fix})")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"cannot read {path}: permission denied ({fix})")
+    sidecar = export_sidecar(path)
+    if sidecar is not None and sidecar["format"] == "detectron2":  # a pickle of numpy arrays: not for torch.load
+        raise UsageError(f"{path} is an eval/export.py detectron2 export (of {sidecar.get('source', '?')}), "
+                         f"not a {expected}: {fix}")
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of non-zip files
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as error:
+        if "weights only load failed" in str(error).lower() and zipfile.is_zipfile(path):
+            reason = "it holds Python objects other than tensors and plain values"
+        else:
+            reason = _unreadable(path)
+        raise UsageError(f"cannot read {path} as a {expected}: {reason} ({fix})") from None
+    version = obj.get("format", 1) if isinstance(obj, dict) else None
+    if kind_of(obj) in ("last.pt", "backbone.pt") and (not isinstance(version, int) or version > FORMAT):
+        raise UsageError(f"{path} has format {version!r}, newer than this code reads ({FORMAT}): it was written by a "
+                         "newer version of these scripts; update them to read it")
+    if kind_of(obj) != expected:
+        raise UsageError(f"{path} is {describe(obj, path)}, not a {expected}: {fix}")
+    return obj
+
+
+def check_output_file(path, flag="--out", inputs=()):
+    """A UsageError unless `path` can be written as a file: not a folder, not one of `inputs` (the files it is
+    made from: writing it would destroy them), in a folder that exists and is writable or can be created.
+    (Atomic writes rename over an existing file, so only the folder's permissions matter.)"""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder: pass a file name")
+    if os.path.exists(path) and any(os.path.exists(x) and os.path.samefile(path, x) for x in inputs):
+        raise UsageError(f"{flag} {path} is the input file itself: pass another name")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be written: {parent} is not a writable folder")
 
 
 def resume_path(args):
@@ -46,26 +177,45 @@ def resume_path(args):
             raise UsageError(f"--resume {args.resume}: no such file (omit --resume to start afresh)")
         return args.resume
     path = os.path.join(args.out_dir, "last.pt")
-    return path if os.path.isfile(path) else None
+    return path if os.path.lexists(path) else None  # a broken link or a folder there is named by load, not skipped
+
+
+START_FRESH = "pass another --out-dir or move the file away to start fresh"
+
+
+def _first_line(error, limit=200):
+    """The informative line of a load_state_dict error ("Error(s) in loading state_dict for X:" says nothing)."""
+    lines = [l.strip() for l in str(error).splitlines() if l.strip() and not l.startswith("Error(s) in loading")]
+    line = lines[0] if lines else type(error).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def load(path, method, objects, map_location="cpu"):
-    """Restore objects in place from a checkpoint of `method`; returns (epoch, step, extra)."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]} (delete it to start afresh)")
-    if not isinstance(ckpt, dict) or "method" not in ckpt:
-        raise UsageError(f"{path} is not a last.pt written by a method script")
+    """Restore objects in place from a last.pt of `method`; returns (epoch, step, extra).
+
+    A GradScaler's state is loaded only when the saved one is non-empty: a disabled scaler (fp32 or bf16)
+    saves {}, so a run may resume under another --precision (bf16 <-> fp16) with a fresh scale."""
+    # <out-dir>/last.pt is what a rerun finds by itself; any other name came from --resume
+    fix = START_FRESH if os.path.basename(path) == "last.pt" else "--resume takes the last.pt of a run's --out-dir"
+    ckpt = read(path, "last.pt", fix, map_location)
     if ckpt["method"] != method:
-        raise UsageError(f"{path} was written by {ckpt['method']}, not {method}: use another --out-dir or --resume")
+        raise UsageError(f"{path} was written by {ckpt['method']}, not {method}: {fix}")
     for name, obj in objects.items():
-        obj.load_state_dict(ckpt[name])
+        if name not in ckpt:
+            raise UsageError(f"{path} holds no {name!r} state (written by another version of {method}.py?): {fix}")
+        if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
+            continue
+        try:
+            obj.load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise UsageError(f"{path} does not fit this run's {name} ({_first_line(error)}): resume with the flags "
+                             f"it was written with (its args.json); or {fix}") from None
     set_rng_state(ckpt["rng"])
     return ckpt["epoch"], ckpt["step"], ckpt["extra"]
 
 
 def export_backbone(path, backbone, metadata):
-    """backbone.pt: {"backbone": state_dict, "name", "image_size", "cifar_stem", "feature_dim", "method", ...}."""
+    """backbone.pt: {"format", "backbone": state_dict, "name", "image_size", "cifar_stem", "feature_dim", "method",
+    ...}."""
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    save_atomic({"backbone": state, **metadata}, path)
+    save_atomic({"format": FORMAT, "backbone": state, **metadata}, path)

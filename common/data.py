@@ -15,6 +15,7 @@ import math
 import os
 import signal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -56,44 +57,102 @@ class FolderDataset(Dataset):
 
 
 def load_rgb(path):
-    """Open an image file as RGB; a broken file is a user problem, named with its path."""
+    """Open an image file as 8-bit RGB, whatever its mode (grayscale, RGBA, palette, CMYK, 16-bit, float);
+    a broken file is a user problem, named with its path."""
     try:
         with Image.open(path) as image:
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # what PIL asks for; the RGB values are the palette's either way
+            elif image.mode.startswith(("I", "F")):
+                image = _to_8bit(image)
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise UsageError(f"cannot read image {path} ({error}): remove or replace the file") from None
 
 
-def _image_files(directory):
-    """Image files below `directory`, recursively, in a stable sorted order."""
-    found = []
+def _to_8bit(image):
+    """16-bit or 32-bit integer and float grayscale (PNG, TIFF) as 8-bit "L": PIL's convert("RGB") would clip
+    every value above 255 to white. I;16 spans 0-65535; I is read as 16-bit when any value exceeds 255; F as
+    0-1 when no value exceeds 1."""
+    values = np.asarray(image, dtype=np.float64)
+    top = values.max(initial=0)
+    full = 65535 if image.mode.startswith("I;16") or (image.mode == "I" and top > 255) else \
+        1 if image.mode == "F" and top <= 1 else 255
+    return Image.fromarray((values * (255 / full)).clip(0, 255).round().astype(np.uint8), "L")
+
+
+def _hidden(name):
+    """Dot files and folders (.DS_Store, ._x.jpg resource forks, .ipynb_checkpoints) and macOS zip debris."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _is_image(directory, name):
+    return (not _hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+            and os.path.isfile(os.path.join(directory, name)))  # isfile: false for a broken link
+
+
+def _image_files(directory, skipped):
+    """Image files below `directory`, recursively (following links, each folder once), in a stable sorted order.
+    Names of files that are not images (other extensions, hidden, broken links) are appended to `skipped`."""
+    found, seen = [], set()
     for parent, subdirs, files in os.walk(directory, followlinks=True):
-        subdirs.sort()
-        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        seen.add(os.path.realpath(parent))
+        # Prune hidden folders and links back to a folder already walked (a link cycle would never end).
+        subdirs[:] = sorted(d for d in subdirs
+                            if not _hidden(d) and os.path.realpath(os.path.join(parent, d)) not in seen)
+        for name in sorted(files):
+            (found if _is_image(parent, name) else skipped).append(os.path.join(parent, name))
     return found
 
 
 def _subfolders(root, ignore=()):
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and d not in ignore)
+    """Class folders of `root`: its visible sub-folders (or links to folders) not in `ignore`."""
+    return sorted(d for d in os.listdir(root)
+                  if os.path.isdir(os.path.join(root, d)) and d not in ignore and not _hidden(d))
+
+
+_REPORTED = set()  # roots whose skipped files were already reported: one line per folder and process
+
+
+def _report_skipped(root, skipped):
+    if skipped and root not in _REPORTED and int(os.environ.get("RANK", 0)) == 0:
+        _REPORTED.add(root)
+        names = ", ".join(os.path.relpath(path, root) for path in skipped[:3])
+        print(f"{root}: skipped {len(skipped)} files that are not images, are hidden, or lie outside the class "
+              f"folders ({names}{', ...' if len(skipped) > 3 else ''})", flush=True)
 
 
 def scan_folder(root, classes, ignore=()):
-    """Samples of `root`: files of each class sub-folder with its index, or, with no
-    classes, the images directly in `root` labelled -1. Sub-folders in `ignore` are skipped."""
+    """Samples of `root`: the images of each class sub-folder (at any depth below it) with its index, or, with
+    no classes, the images directly in `root` labelled -1. Sub-folders in `ignore` are skipped; other files
+    (not images, hidden, broken links, or beside the class folders) are counted in one printed line."""
+    skipped = []
     if not classes:
-        return [(os.path.join(root, f), -1) for f in sorted(os.listdir(root))
-                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, f))]
-    stray = set(_subfolders(root, ignore)) - set(classes)
-    if stray:
-        raise UsageError(f"{root} has class folders absent from the training set: {sorted(stray)[:5]}")
-    return [(path, label) for label, name in enumerate(classes)
-            for path in _image_files(os.path.join(root, name))]
+        samples = []
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if _is_image(root, name):
+                samples.append((path, -1))
+            elif not os.path.isdir(path):  # folders here are `ignore`d (val/) or hidden
+                skipped.append(path)
+    else:
+        stray = set(_subfolders(root, ignore)) - set(classes)
+        if stray:
+            raise UsageError(f"{root} has class folders absent from the training set: {sorted(stray)[:5]}")
+        skipped = [os.path.join(root, f) for f in sorted(os.listdir(root))  # files beside the class folders
+                   if not os.path.isdir(os.path.join(root, f))]
+        samples = [(path, label) for label, name in enumerate(classes)
+                   for path in _image_files(os.path.join(root, name), skipped)]
+    _report_skipped(root, skipped)
+    return samples
 
 
 def load_folder(name, data_dir, split):
     """imagenet/imagenet100 (DATA/train, DATA/val) and folder (DATA or DATA/train, DATA/val)."""
-    if not data_dir or not os.path.isdir(data_dir):
+    if not data_dir or not os.path.exists(data_dir):
         raise UsageError(f"data directory {data_dir} does not exist: pass --data-dir with your images")
+    if not os.path.isdir(data_dir):
+        raise UsageError(f"--data-dir {data_dir} is a file, not a folder: pass the folder that holds the images")
     train_root = os.path.join(data_dir, "train")
     if not os.path.isdir(train_root):
         if name != "folder":
@@ -117,6 +176,8 @@ def load_folder(name, data_dir, split):
 def load_torchvision(name, data_dir, split):
     """CIFAR-10/100 and STL-10 via torchvision, downloaded into `data_dir` when absent."""
     import torchvision.datasets as tvd
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UsageError(f"--data-dir {data_dir} is a file, not a folder: pass the folder to hold {name}")
     if name == "stl10":
         kwargs = {"split": {"train": "train", "unlabeled": "train+unlabeled", "val": "test"}[split]}
         expected, build = "stl10_binary/", tvd.STL10

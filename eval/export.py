@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common import augment  # noqa: E402
+from common import augment, checkpoint  # noqa: E402
 from common.backbones import TIMM_MODELS, load_backbone, timm_kwargs  # noqa: E402
-from common.cli import Parser, UsageError, run_main  # noqa: E402
+from common.cli import Parser, RunError, UsageError, run_main  # noqa: E402
 
 FORMATS = ("torchvision", "timm", "detectron2")
 # The ResNets that exist as stock torchvision, timm and Detectron2 models (resnet_narrow does not).
@@ -209,12 +209,12 @@ def metadata(fmt, meta, ckpt, out, fc):
 
 # ---- export ----
 def _write_atomic(path, write):
-    """write(file) into a temporary file, then rename: an interrupted export leaves no half file."""
+    """write(file) into a temporary file, then rename: an interrupted or failed export leaves no half file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        checkpoint.write_atomic(path, write)
+    except OSError as error:
+        raise RunError(f"could not write {path} ({error.strerror or error})") from None
 
 
 def exported_state(fmt, net, meta, fc):
@@ -232,22 +232,18 @@ def exported_state(fmt, net, meta, fc):
 
 
 def peek_metadata(path):
-    """backbone.pt's metadata without building the model (memory-mapped, so the weights are not read),
-    or None when the file is unreadable: load_backbone then names the problem."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    if not isinstance(ckpt, dict) or "backbone" not in ckpt:
-        return None
+    """backbone.pt's metadata without building the model (memory-mapped, so the weights are not read); anything
+    but a backbone.pt is the one-line UsageError load_backbone would give."""
+    ckpt = checkpoint.read(path, "backbone.pt", "pass the backbone.pt a run writes to its --out-dir", mmap=True)
     return {k: v for k, v in ckpt.items() if k != "backbone"}
 
 
 def export(ckpt, fmt, out=None, fc=True):
     """Write --out and --out.json; returns (out, the metadata written)."""
     out = out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), DEFAULT_NAMES[fmt])
-    if (peeked := peek_metadata(ckpt)) is not None:
-        check_supported(fmt, peeked, out)  # refuse before paying for building the model
+    check_supported(fmt, peek_metadata(ckpt), out)  # refuse before paying for building the model
+    for path in (out, f"{out}.json"):
+        checkpoint.check_output_file(path, inputs=[ckpt])
     net, meta = load_backbone(ckpt)
     check_supported(fmt, meta, out)
     fc = fc and fmt == "torchvision"

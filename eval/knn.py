@@ -20,9 +20,9 @@ import torch  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import augment, data, dist, evaluation  # noqa: E402
+from common import augment, checkpoint, cli, data, dist, evaluation  # noqa: E402
 from common.backbones import load_backbone  # noqa: E402
-from common.cli import Parser, UsageError, run_main  # noqa: E402
+from common.cli import Parser, RunError, UsageError, run_main  # noqa: E402
 
 
 def build_parser():
@@ -31,34 +31,29 @@ def build_parser():
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to evaluate on [default: the one stored in --ckpt]")
     p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
-    p.add_argument("--k", type=int, default=200, help="neighbours per query [default: %(default)s]")
-    p.add_argument("--temperature", type=float, default=0.1,
+    p.add_argument("--k", type=cli.positive_int, default=200, help="neighbours per query [default: %(default)s]")
+    p.add_argument("--temperature", type=cli.positive_float, default=0.1,
                    help="vote weight is exp(cosine / temperature) [default: %(default)s]")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [default: %(default)s]")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--batch-size", type=cli.positive_int, default=256,
+                   help="images per forward pass [default: %(default)s]")
+    p.add_argument("--workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes [default: %(default)s, min(8, CPUs)]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present, else CPU [default: %(default)s]")
     p.add_argument("--out", default=None, help="JSON result file [default: knn.json next to --ckpt]")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=cli.nonneg_int, default=0,
                    help="seed of the --max-train subset (and of the synthetic images) [default: %(default)s]")
-    p.add_argument("--max-train", type=int, default=None,
+    p.add_argument("--max-train", type=cli.positive_int, default=None,
                    help="use a random subset of N training images as memory [default: all]")
     return p
 
 
 def run(argv=None):
-    args = build_parser().parse_args(argv)
-    for flag in ("k", "batch_size", "max_train"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    if args.temperature <= 0:
-        raise UsageError(f"--temperature must be positive, got {args.temperature}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    args = build_parser().parse_args(argv)  # numbers are range-checked by their types
     device = dist.resolve_device(args.device)
     backbone, meta = load_backbone(args.ckpt)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "knn.json")
+    checkpoint.check_output_file(out, inputs=[args.ckpt])  # before the features: a result nobody can write is lost
     args.dataset = args.dataset or meta.get("dataset")
     if args.dataset is None:
         raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
@@ -95,12 +90,11 @@ def run(argv=None):
     result = {"acc1": acc1, "acc5": acc5, "k": args.k, "temperature": args.temperature, "dataset": args.dataset,
               "ckpt": str(args.ckpt), "train_images": len(train_set), "val_images": len(val_set),
               "backbone": meta["name"], "method": meta.get("method")}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "knn.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    temporary = f"{out}.tmp{os.getpid()}"
-    with open(temporary, "w") as file:
-        json.dump(result, file, indent=2)
-    os.replace(temporary, out)  # atomic: a reader never sees half a file
+    try:  # atomic: a reader never sees half a file, a failed write leaves none
+        checkpoint.write_atomic(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    except OSError as error:
+        raise RunError(f"could not write {out} ({error.strerror or error}): acc@1 {acc1:.2f}, acc@5 {acc5:.2f}")
     print(f"kNN (k={args.k}, T={args.temperature}) of {args.ckpt} on {args.dataset}: "
           f"acc@1 {acc1:.2f}  acc@5 {acc5:.2f}  -> {out}")
     return result

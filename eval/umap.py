@@ -22,9 +22,9 @@ import torch  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import augment, data, dist, evaluation  # noqa: E402
+from common import augment, checkpoint, cli, data, dist, evaluation  # noqa: E402
 from common.backbones import load_backbone  # noqa: E402
-from common.cli import Parser, UsageError, run_main  # noqa: E402
+from common.cli import Parser, RunError, UsageError, run_main  # noqa: E402
 
 
 def build_parser():
@@ -33,31 +33,28 @@ def build_parser():
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to draw [default: the one stored in --ckpt]")
     p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
-    p.add_argument("--split", choices=("val", "train"), default="val", help="which split to draw [default: %(default)s]")
-    p.add_argument("--max-points", type=int, default=10000,
-                   help="draw a random subset of at most N images [default: %(default)s]")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [default: %(default)s]")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--split", choices=("val", "train"), default="val",
+                   help="which split to draw [default: %(default)s]")
+    p.add_argument("--max-points", type=cli.int_at_least(3), default=10000,
+                   help="draw a random subset of at most N images (UMAP needs 3 or more) [default: %(default)s]")
+    p.add_argument("--batch-size", type=cli.positive_int, default=256,
+                   help="images per forward pass [default: %(default)s]")
+    p.add_argument("--workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes [default: %(default)s, min(8, CPUs)]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present, else CPU [default: %(default)s]")
     p.add_argument("--out", default=None, help="PNG file [default: umap-<split>.png next to --ckpt]")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=cli.nonneg_int, default=0,
                    help="seed of the subset, of UMAP (and of the synthetic images) [default: %(default)s]")
     return p
 
 
 def run(argv=None):
-    args = build_parser().parse_args(argv)
-    for flag in ("max_points", "batch_size"):
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.max_points < 3:
-        raise UsageError(f"--max-points must be at least 3 for UMAP, got {args.max_points}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    args = build_parser().parse_args(argv)  # numbers are range-checked by their types
     device = dist.resolve_device(args.device)
     backbone, meta = load_backbone(args.ckpt)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"umap-{args.split}.png")
+    checkpoint.check_output_file(out, inputs=[args.ckpt])  # before the features: a picture nobody can write is lost
     args.dataset = args.dataset or meta.get("dataset")
     if args.dataset is None:
         raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
@@ -82,10 +79,12 @@ def run(argv=None):
     features, labels = evaluation.extract_features(backbone, tqdm(loader, desc=f"{args.split} features"), **ctx)
 
     from common.plots import umap_png  # umap-learn imports slowly: only once the features exist
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"umap-{args.split}.png")
     print(f"fitting UMAP to {len(features)} features (the first fit compiles numba code: ~15 s)", flush=True)
-    umap_png(features, labels, out, f"{meta.get('method', '?')} {meta['name']}: {args.dataset} {args.split}",
-             max_points=args.max_points, seed=args.seed)
+    try:
+        umap_png(features, labels, out, f"{meta.get('method', '?')} {meta['name']}: {args.dataset} {args.split}",
+                 max_points=args.max_points, seed=args.seed)
+    except OSError as error:  # disk full, folder removed meanwhile: umap_png leaves no half file
+        raise RunError(f"could not write {out} ({error.strerror or error})")
     print(f"UMAP of {len(features)} {args.split} images of {args.dataset} -> {out}")
     return out
 
