@@ -6,18 +6,23 @@ collapse: its covariance is the identity by construction, so the points are spre
 and the MSE between whitened views is free of the trivial solution.
 
 Whitening, for a chunk of S rows of one view's z (S > D): Cov = (z - mean)^T (z - mean) / (S - 1) =
-L L^T (Cholesky, in float32) and w = L^{-1} (z - mean), so that Cov(w) = I. Each iteration draws a
-random partition of the batch into chunks of --whitening-size (the same rows for every view); the
-loss averages over iterations and over the V(V-1)/2 pairs of views:
-    L = mean_{iterations, pairs (a, b)} [ 2 - 2 * mean_i cos(w_a,i, w_b,i) ]
-Under DDP each process whitens its own batch, as the official code (single GPU) and solo-learn do.
+L L^T (Cholesky) and w = L^{-1} (z - mean), so that Cov(w) = I. Each iteration draws a random
+partition of the batch into chunks of --whitening-size (the same rows for every view); the loss
+averages over iterations and over the V(V-1)/2 pairs of views a < b:
+    L = mean_{iterations, pairs (a, b)} [ 2 - 2 * mean_i cos(w_a,i, sg(w_b,i)) ]
+The stop-gradient on the second view of each pair is solo-learn's default (`simplified=True`); the
+official code's symmetric form, 2 - 2 * mean_i cos(w_a,i, w_b,i) with gradients into both views, is
+--symmetric-loss (the same value, other gradients). Under DDP each process whitens its own batch, as
+the official code (single GPU) and solo-learn do. The whitening runs in float64 (solo-learn: float32;
+see whiten). A chunk covariance that is not positive definite makes the loss NaN, with no host sync
+in the step: the run stops at the next --log-every step (or the epoch's end) naming the fix.
 
     python wmse.py --dataset synthetic                           # offline CPU demo, minutes
     python wmse.py --dataset cifar10                             # solo-learn CIFAR recipe
     torchrun --nproc_per_node=4 wmse.py --dataset imagenet100 --data-dir /data/imagenet100
 """
+import argparse
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 
 from common import checkpoint, cli, optim
 from common.backbones import build_backbone
+from common.cli import NonFiniteLoss
 from common.data import mix_seed
 from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
 
@@ -48,13 +54,16 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = cli.parser("wmse", __doc__, RECIPES)
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width D (the whitened dimension)")
-    p.add_argument("--whitening-size", type=int, help="rows per whitened chunk; divides the per-process batch")
-    p.add_argument("--whitening-iters", type=int, help="random chunk partitions per step (losses averaged)")
-    p.add_argument("--whitening-eps", type=float, help="shrinks the covariance towards I: (1 - eps) Cov + eps I")
+    p, add = cli.parser("wmse", __doc__, RECIPES)
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width D (the whitened dimension)")
+    add("--whitening-size", cli.int_at_least(2), "rows per whitened chunk; divides the per-process batch")
+    add("--whitening-iters", cli.positive_int, "random chunk partitions per step (losses averaged)")
+    add("--whitening-eps", cli.probability, "shrinks the covariance towards I: (1 - eps) Cov + eps I, eps in [0, 1]")
+    add("--symmetric-loss", help="the official code's loss, gradients into both views of a pair (default: "
+        "solo-learn's, the second view of each pair detached) [default: off]", action=argparse.BooleanOptionalAction)
     args = cli.resolve(p, argv, "wmse", RECIPES)
+    args.symmetric_loss = bool(args.symmetric_loss)  # solo-learn's detached form unless asked for
     if args.num_large_crops < 2 or args.num_small_crops:
         raise cli.UsageError("wmse trains on large crops only: use --num-large-crops 2 (or more) --num-small-crops 0")
     if args.batch_size % args.whitening_size:
@@ -74,7 +83,7 @@ def projector(in_dim, hidden_dim, out_dim):
 
 
 class WMSE(nn.Module):
-    """Backbone -> projector, plus the online linear probe on sg(features)."""
+    """Backbone -> projector, plus the online linear probe on sg(features) of every view (all large crops)."""
 
     def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes):
         super().__init__()
@@ -84,45 +93,50 @@ class WMSE(nn.Module):
 
     def forward(self, views):
         feats = [self.backbone(v) for v in views]
-        return [self.projector(f) for f in feats], self.probe(feats[0].detach())
+        return [self.projector(f) for f in feats], self.probe(torch.cat(feats).detach())
 
 
 # ---- loss ----
 def whiten(z, eps=0.0):
     """Whiten the rows of z (..., S, D), each leading index a separate set: w = L^{-1} (z - mean) with
-    L L^T = (1 - eps) Cov + eps I the Cholesky factorisation of the unbiased covariance over the S rows.
-    In float32 whatever the autocast (Cholesky in half precision fails) and without TF32 matmuls (which
-    Run enables on GPUs: their 10-bit mantissa would perturb the covariance), so Cov(w) = I (for eps 0)."""
-    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
-    try:
-        with torch.autocast(z.device.type, enabled=False):
-            z = z.float()
-            centred = z - z.mean(-2, keepdim=True)
-            cov = centred.mT @ centred / (z.shape[-2] - 1)
-            eye = torch.eye(z.shape[-1], device=z.device)
-            factor = torch.linalg.cholesky((1 - eps) * cov + eps * eye)
-            return torch.linalg.solve_triangular(factor, centred.mT, upper=False).mT
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    L L^T = (1 - eps) Cov + eps I the Cholesky factorisation of the unbiased covariance over the S rows,
+    so that Cov(w) = I (for eps 0). Returned in float32, computed in float64 whatever the autocast:
+    Cholesky in half precision fails, and TF32 (which Run enables for float32 matmuls on GPUs, its 10-bit
+    mantissa perturbing the covariance) never applies to float64, in the forward or the backward; a few
+    D x D matrices per step cost next to nothing. (solo-learn: float32.)
+    A set whose covariance is not positive definite (S <= D, duplicated or collinear rows) comes out as
+    NaN rows: cholesky_ex reports the failure on the device, so no host sync is needed to pass it on."""
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.double()
+        centred = z - z.mean(-2, keepdim=True)
+        cov = centred.mT @ centred / (z.shape[-2] - 1)
+        eye = torch.eye(z.shape[-1], dtype=z.dtype, device=z.device)
+        factor, info = torch.linalg.cholesky_ex((1 - eps) * cov + eps * eye)  # info > 0: not positive definite
+        w = torch.linalg.solve_triangular(factor, centred.mT, upper=False).mT
+        return torch.where((info > 0)[..., None, None], torch.nan, w).float()
 
 
-def wmse_loss(z, whitening_size=128, whitening_iters=1, eps=0.0):
-    """L = mean over whitening_iters partitions and over view pairs (a, b) of 2 - 2 * mean_i cos(w_a,i, w_b,i),
+def wmse_loss(z, whitening_size=128, whitening_iters=1, eps=0.0, symmetric=False):
+    """L = mean over whitening_iters partitions and over view pairs a < b of 2 - 2 * mean_i cos(w_a,i, sg(w_b,i)),
     w = whiten(z) within chunks of whitening_size rows, each view separately, the same rows for every view.
+    sg (the second view of each pair gets no gradient from it) is solo-learn's default; symmetric=True drops it
+    (the official code): the same value, gradients into both views. NaN when a chunk's covariance is not
+    positive definite (see whiten).
 
     z: list of V >= 2 tensors (B, D), row i of each from the same image. The partitions come from
-    torch.randperm on the global CPU generator: seed it to reproduce a loss."""
+    torch.randperm on z's device and its global generator: seed it to reproduce a loss."""
     b, d = z[0].shape
     if b % whitening_size:
         raise cli.UsageError(f"a batch of {b} rows cannot be cut into whitening chunks of {whitening_size}: "
                              f"pick a --whitening-size that divides the per-process batch")
     total, terms = 0.0, 0
     for _ in range(whitening_iters):
-        perm = torch.randperm(b).to(z[0].device)
+        perm = torch.randperm(b, device=z[0].device)  # drawn on the device: no copy from the host
         w = [whiten(v[perm].view(b // whitening_size, whitening_size, d), eps) for v in z]
         for i in range(len(w)):
             for j in range(i + 1, len(w)):
-                total = total + 2 - 2 * F.cosine_similarity(w[i], w[j], dim=-1).mean()
+                target = w[j] if symmetric else w[j].detach()
+                total = total + 2 - 2 * F.cosine_similarity(w[i], target, dim=-1).mean()
                 terms += 1
     return total / terms
 
@@ -148,7 +162,20 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "wmse", args, epoch, step, state)
+    save = lambda epoch, step: run.save(last_pt, "wmse", epoch, step, state)
+    # Set on the device when the loss is not finite while the embeddings are: the whitening failed (a chunk
+    # covariance not positive definite). Read only when the run stops for a non-finite loss, and once at each
+    # epoch's end, to say which fix applies.
+    whitening_failed = torch.zeros((), dtype=torch.bool, device=run.device)
+
+    def stop_if_whitening_failed():
+        (failed,), bad_step, _ = run.read_flags([whitening_failed])  # one sync; a collective under DDP
+        if failed > 0:
+            mine = bad_step is not None and bad_step[0] >= 0
+            where = f"at epoch {bad_step[0]}, step {bad_step[1]}" if mine else "on another rank"
+            raise NonFiniteLoss(f"the whitening failed {where}: a chunk covariance was not positive definite; "
+                                "last.pt holds the last good state (use a larger --whitening-size, with a "
+                                "--batch-size it divides, or --whitening-eps 0.01, or --precision fp32)")
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
@@ -156,43 +183,40 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             views = [run.to_device(v) for v in views]
-            labels = labels.to(run.device)
+            labels = run.labels_to_device(labels)
             with run.autocast():
                 z, logits = train_model(views)
             # chunks a function of (seed, step, rank) alone: a run resumed mid-epoch draws the same ones
             torch.manual_seed(mix_seed("wmse", args.seed, step, run.rank))
             loss = wmse_loss(z, whitening_size=args.whitening_size, whitening_iters=args.whitening_iters,
-                             eps=args.whitening_eps)
+                             eps=args.whitening_eps, symmetric=args.symmetric_loss)
+            embeddings_finite = torch.stack([torch.isfinite(v.detach()).all() for v in z]).all()
+            whitening_failed |= embeddings_finite & ~torch.isfinite(loss.detach())
             optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             step += 1
-            losses.append(loss.item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
+            try:
+                stop = meter.update(step, loss, len(labels), lr)
+            except NonFiniteLoss:  # name the whitening's fix when it is the cause
+                stop_if_whitening_failed()
+                raise
             if stop:
                 break
+        stop_if_whitening_failed()  # before saving or evaluating, which would stop with the generic message
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch_summary(run, meter, step, lr, metrics)
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

@@ -1,6 +1,9 @@
-"""W-MSE: whitening gives identity covariance (in float32 under autocast too), loss values derived by
-hand, chunking and its errors, the recipe, per-rank whitening under DDP, resume and DDP end to end."""
+"""W-MSE: whitening gives identity covariance (computed in float64, float32 out, under autocast too), a
+covariance that is not positive definite (NaN, then a one-line stop naming the fix), loss values derived by
+hand, solo-learn's stop-gradient on the second view of each pair and the symmetric form, chunking and its
+errors, the recipe, per-rank whitening under DDP, resume and DDP end to end."""
 import math
+import sys
 
 import pytest
 import torch
@@ -44,19 +47,71 @@ def test_whitening_is_the_inverse_cholesky_factor_applied_to_centred_rows():
     assert torch.allclose(whiten(z, eps=1.0).double(), centred, atol=1e-5)
 
 
-def test_whitening_runs_in_float32_under_autocast_and_restores_tf32():
+def test_whitening_returns_float32_under_autocast_and_leaves_tf32_alone():
     z = correlated(64, 5, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         w = whiten(z.bfloat16())
     assert w.dtype == torch.float32
     assert torch.allclose(covariance(w), torch.eye(5), atol=1e-4)
     flag = torch.backends.cuda.matmul.allow_tf32
-    try:  # whiten turns TF32 matmuls off for itself only: the caller's setting comes back
+    try:  # float64 needs no TF32 switch: the caller's setting is never touched
         torch.backends.cuda.matmul.allow_tf32 = True
         whiten(z)
         assert torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = flag
+
+
+def test_whitening_is_computed_in_float64_forward_and_backward():
+    """An ill-conditioned chunk (singular values 1 .. 1e-3, offset 3): float32 arithmetic is off by about
+    1e-2 here, float64 rounded to float32 by about 1e-7. Float64 is also why TF32 cannot touch the whitening
+    on a GPU, in the backward as in the forward (TF32 applies to float32 matmuls only)."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+    z = torch.randn(64, 8, generator=g) @ torch.diag(torch.logspace(0, -3, 8)) @ basis + 3
+    z64 = z.double().requires_grad_()
+    centred = z64 - z64.mean(0)
+    factor = torch.linalg.cholesky(centred.T @ centred / 63)
+    want = torch.linalg.solve_triangular(factor, centred.T, upper=False).T
+    z32 = z.clone().requires_grad_()
+    got = whiten(z32)
+    assert torch.allclose(got.double(), want.detach(), atol=1e-5)
+    probe = torch.randn(64, 8, generator=g)  # d(sum(probe * w))/dz, float64 reference
+    (got * probe).sum().backward()
+    (want * probe.double()).sum().backward()
+    assert z32.grad.dtype == torch.float32
+    assert torch.allclose(z32.grad.double(), z64.grad, rtol=1e-4, atol=1e-4 * z64.grad.abs().max().item())
+
+
+def test_covariance_not_positive_definite_gives_nan_rows_without_raising():
+    # chunk 0 is well spread; chunk 1 repeats one row, so its covariance is 0: Cholesky fails on that chunk
+    # alone, which comes out as NaN (cholesky_ex: no error raised, no host sync) while chunk 0 is whitened
+    good = correlated(16, 3, seed=7)
+    chunks = torch.stack([good, good[:1].expand(16, 3)])
+    w = whiten(chunks)
+    assert torch.isnan(w[1]).all() and torch.equal(w[0], whiten(good))
+    assert math.isnan(wmse_loss([good, good[:1].expand(16, 3)], whitening_size=16).item())  # one view enough
+
+
+# The last projector layer zeroed: every embedding is its bias, every chunk covariance 0.
+CONSTANT_EMBEDDINGS = """import sys, torch, wmse
+build = wmse.projector
+def constant(*dims):
+    head = build(*dims)
+    torch.nn.init.zeros_(head[-1].weight)
+    return head
+wmse.projector = constant
+wmse.main(sys.argv[1:])
+"""
+
+
+def test_run_with_a_covariance_not_positive_definite_stops_naming_the_fix(tmp_path):
+    proc = run_script(sys.executable, "-c", CONSTANT_EMBEDDINGS, *tiny(tmp_path / "run", "--max-steps", "4")[1:],
+                      check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "whitening failed at epoch 0, step 0" in lines[0] and "--whitening-size" in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_hand_values():
@@ -102,19 +157,55 @@ def test_batch_not_divisible_by_chunk_is_a_usage_error():
     assert "not divisible by --whitening-size 6" in proc.stderr
 
 
-def test_gradient_reaches_both_views():
-    z1, z2 = torch.randn(16, 3, requires_grad=True), torch.randn(16, 3, requires_grad=True)
-    wmse_loss([z1, z2], whitening_size=8).backward()
-    assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
+def grads(views, **kw):
+    """(loss, gradient of each view; None where no gradient reached it) with one chunk of all rows, where the
+    random partition cannot change anything (whitening commutes with permuting the rows)."""
+    views = [v.clone().requires_grad_() for v in views]
+    loss = wmse_loss(views, whitening_size=len(views[0]), **kw)
+    loss.backward()
+    return loss.detach(), [v.grad for v in views]
+
+
+def test_second_view_of_each_pair_gets_no_gradient_by_default():
+    """solo-learn's wmse_loss_func(simplified=True): 2 - 2 mean cos(w_a, sg(w_b)) for a < b."""
+    g = torch.Generator().manual_seed(8)
+    a, b, c = (torch.randn(16, 3, generator=g) for _ in range(3))
+    loss, (ga, gb) = grads([a, b])
+    assert gb is None and ga.abs().sum() > 0  # view 2 is only a target
+    # three views: pairs (a, b), (a, c), (b, c), averaged. c gets nothing; b only from the pair (b, c),
+    # so its gradient is a third of the two-view loss [b, c]'s
+    _, (_, gb3, gc3) = grads([a, b, c])
+    _, (gb_pair, _) = grads([b, c])
+    assert gc3 is None and torch.allclose(gb3, gb_pair / 3, atol=1e-6)
+
+
+def test_symmetric_form_has_the_same_value_and_gradients_into_both_views():
+    """The official code: both views of a pair learn. Same value; view 1's gradient is the default's, and by
+    cos(a, b) = cos(b, a) view 2's is the default's gradient of view 1 with the views swapped."""
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(16, 3, generator=g), torch.randn(16, 3, generator=g)
+    loss, (ga, gb) = grads([a, b], symmetric=True)
+    solo_loss, (solo_ga, _) = grads([a, b])
+    _, (swapped_gb, _) = grads([b, a])
+    assert torch.allclose(loss, solo_loss) and gb.abs().sum() > 0
+    assert torch.allclose(ga, solo_ga, atol=1e-6) and torch.allclose(gb, swapped_gb, atol=1e-6)
 
 
 def test_recipe_and_heads():
     args = parse_args(["--dataset", "cifar10"])
     assert (args.optimizer, args.lr, args.weight_decay, args.probe_lr) == ("adam", 2e-3, 1e-6, 3e-3)
     assert (args.warmup_start_lr, args.preset, args.whitening_size, args.whitening_iters) == (0.0, "wmse", 128, 1)
+    assert args.symmetric_loss is False and parse_args(["--symmetric-loss"]).symmetric_loss is True
     model = WMSE(torch.nn.Flatten(), 12, args.proj_hidden_dim, args.proj_output_dim, num_classes=10)
     assert [type(m).__name__ for m in model.projector] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert [m.out_features for m in model.projector if isinstance(m, torch.nn.Linear)] == [1024, 64]
+    views = [torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)]
+    z, logits = model(views)  # the probe sees every view (solo-learn: every large crop), one batch after another
+    assert len(z) == 3 and logits.shape == (12, 10)
+    assert torch.allclose(logits[4:8], model.probe(views[1].flatten(1)))
+    for flags in (["--whitening-eps", "1.5"], ["--whitening-iters", "0"], ["--whitening-size", "1"]):
+        with pytest.raises(cli.UsageError):
+            parse_args(flags)
 
 
 def test_two_processes_whiten_their_own_rows(tmp_path):
