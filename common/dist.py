@@ -3,16 +3,22 @@
 Every function is a no-op (or the identity) in a single process, so method code reads the same
 with and without torchrun.
 """
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
+# How long a collective may wait for its slowest rank before the run fails. Every rank evaluates its share, but
+# rank 0 alone draws UMAP and writes last.pt and backbone.pt while the others wait in their next collective; on
+# ImageNet-size sets that can take minutes, and NCCL's default of 10 minutes killed runs at their final evaluation.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+
 
 def setup(device="auto"):
     """Initialise the process group when launched by torchrun; returns (rank, world_size, device).
 
-    NCCL on CUDA, gloo on CPU. Each process drives the GPU of its LOCAL_RANK.
+    NCCL on CUDA, gloo on CPU, with PROCESS_GROUP_TIMEOUT. Each process drives the GPU of its LOCAL_RANK.
     """
     device = resolve_device(device).type
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -21,7 +27,7 @@ def setup(device="auto"):
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
                                 device_id=torch.device(device) if device.startswith("cuda") else None)
     return rank, world_size, torch.device(device)
 

@@ -2,24 +2,65 @@
 
 Everything here works on a frozen backbone: features are computed under `torch.no_grad()` with the
 backbone in eval mode, and the backbone's train/eval mode is given back as it was found.
+
+Under torchrun every rank evaluates its `Shard` of a dataset (training's end-of-epoch evaluation):
+`probe_validate(..., sharded=True)` sums its counts over ranks, `unshard` gathers rows back into
+dataset order, and `knn_predict(..., sharded=True)` searches each rank's shard of the kNN memory and
+merges the ranks' top-k, so every rank gets what one process computes on the whole sets.
 """
+import math
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from common import dist
+
+
+class Shard(Dataset):
+    """Rank `rank`'s part of `dataset` when `world_size` ranks evaluate it together (world_size 1: all of it).
+
+    The rank holds positions rank, rank + W, rank + 2W, ... of the dataset padded to a multiple of W (as
+    DistributedSampler without shuffling), so every rank has ceil(N / W) items: gathers need equal sizes.
+    A padding position repeats an item from the start with label -1, so no accuracy count or kNN vote
+    includes it; `unshard` drops the padding rows.
+    """
+
+    def __init__(self, dataset, rank=0, world_size=1):
+        self.dataset, self.size = dataset, len(dataset)
+        self.positions = range(rank, math.ceil(self.size / world_size) * world_size, world_size)
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, index):
+        position = self.positions[index]
+        image, label = self.dataset[position % self.size]
+        return image, label if position < self.size else -1
+
+
+def unshard(rows, total):
+    """The inverse of `Shard`: every rank's `rows` (one per shard item, the same count on each rank) gathered
+    into dataset order, item i coming from rank i % W, and cut to the `total` items of the dataset."""
+    stacked = dist.gather(rows[None])  # (W, items per rank, ...)
+    return stacked.transpose(0, 1).reshape(-1, *rows.shape[1:])[:total]
 
 
 def _correct_counts(logits, labels, topk):
-    """(number correct at each k, number of labelled rows); rows labelled -1 do not count."""
-    keep = labels >= 0
-    logits, labels = logits[keep], labels[keep]
-    if labels.numel() == 0:
-        return [0] * len(topk), 0
+    """Tensor [number correct at each k..., number of labelled rows], on the logits' device (no host sync);
+    rows labelled -1 do not count."""
+    labelled = labels >= 0
     # top-5 on a 3-class problem means "any class": cap k so topk() does not fail
     max_k = min(max(topk), logits.size(1))
-    predictions = logits.topk(max_k, dim=1).indices
-    hits = predictions == labels[:, None]
-    return [int(hits[:, :min(k, max_k)].any(dim=1).sum()) for k in topk], labels.numel()
+    hits = (logits.topk(max_k, dim=1).indices == labels[:, None]) & labelled[:, None]
+    return torch.stack([*(hits[:, :min(k, max_k)].any(dim=1).sum() for k in topk), labelled.sum()])
+
+
+def _percentages(counts):
+    """[100 * correct / labelled for each k] from `_correct_counts`' tensor: one read from the device."""
+    *correct, total = counts.tolist()
+    return [100.0 * c / max(total, 1) for c in correct]
 
 
 def accuracy(logits, labels, topk=(1, 5)):
@@ -27,8 +68,7 @@ def accuracy(logits, labels, topk=(1, 5)):
 
     k larger than C counts as C. With no labelled row every accuracy is 0.
     """
-    correct, total = _correct_counts(logits.detach(), labels.to(logits.device), topk)
-    return [100.0 * c / max(total, 1) for c in correct]
+    return _percentages(_correct_counts(logits.detach(), labels.to(logits.device), topk))
 
 
 def _frozen_forward_context(backbone, channels_last, autocast):
@@ -40,80 +80,98 @@ def _frozen_forward_context(backbone, channels_last, autocast):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, device, channels_last=False, autocast=None):
-    """Run `backbone` over a loader of (images, labels); returns (float32 CPU features, CPU labels).
+def extract_features(backbone, loader, device, channels_last=False, autocast=None, on_device=False):
+    """Run `backbone` over a loader of (images, labels); returns (float32 features, labels), on the CPU or,
+    with `on_device`, left on `device` (for a kNN there; copying each batch back would wait on the device).
 
     `autocast` is a callable returning a context manager (e.g. `lambda: torch.autocast("cuda",
     torch.bfloat16)`) or None for full precision.
     """
     was_training, memory_format, autocast = _frozen_forward_context(backbone, channels_last, autocast)
+    keep_on = device if on_device else "cpu"
     features, labels = [], []
     try:
         for images, targets in loader:
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             with autocast():
                 out = backbone(images)
-            features.append(out.float().cpu())
-            labels.append(torch.as_tensor(targets).cpu())
+            features.append(out.float().to(keep_on))
+            labels.append(torch.as_tensor(targets).to(keep_on, non_blocking=True))
     finally:
         backbone.train(was_training)
     if not features:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+        return torch.empty(0, 0, device=keep_on), torch.empty(0, dtype=torch.long, device=keep_on)
     return torch.cat(features), torch.cat(labels).long()
 
 
 @torch.no_grad()
-def knn_predict(train_features, train_labels, query_features, num_classes, k=200, temperature=0.1, chunk=256):
+def knn_predict(train_features, train_labels, query_features, num_classes, k=200, temperature=0.1, chunk=256,
+                sharded=False):
     """Class scores (N_query, num_classes) of a weighted cosine kNN (InstDisc, Wu et al. 2018).
 
     Features are L2-normalized; each query takes its k most similar train features (similarities
     s_i), and each neighbour votes for its class with weight exp(s_i / temperature). Train rows
     labelled -1 do not vote. Queries are processed `chunk` at a time so the (N_query, N_train)
-    similarity matrix never exists in full.
+    similarity matrix never exists in full. Runs where `train_features` are (a GPU: a few matrix products).
+
+    sharded: `train_features` is this rank's shard of the memory and the queries are the same on every rank;
+    each rank takes the top k of its shard, and the top k of the ranks' candidates are the top k of the whole
+    memory, so every rank returns the scores one process would.
     """
-    train_labels = train_labels.to(train_features.device).long()
-    keep = train_labels >= 0
-    train_features = F.normalize(train_features[keep].float(), dim=1)
-    train_labels = train_labels[keep]
-    query_features = F.normalize(query_features.float(), dim=1).to(train_features.device)
-    k = min(k, train_features.size(0))
-    scores = torch.zeros(query_features.size(0), num_classes, device=train_features.device)
+    device = train_features.device
+    memory, train_labels = train_features.float(), train_labels.to(device).long()  # float(): no copy of float32
+    # Cosine similarity as (normalized query . train row) / |train row|: no normalized copy of the memory.
+    # Unlabelled rows get similarity -inf: never among the k picked below.
+    inverse_norm = 1 / memory.norm(dim=1).clamp(min=1e-12)
+    excluded = torch.zeros_like(inverse_norm).masked_fill(train_labels < 0, -math.inf)
+    vote_labels = train_labels.clamp(min=0)
+    query_features = F.normalize(query_features.float(), dim=1).to(device)
+    labelled = (train_labels >= 0).sum()
+    k = min(k, int(dist.all_reduce_sum(labelled) if sharded else labelled))  # one read, before the search
+    local_k = min(k, memory.size(0))
+    scores = torch.zeros(query_features.size(0), num_classes, device=device)
     if k == 0:
         return scores
     for start in range(0, query_features.size(0), chunk):
-        similarity = query_features[start:start + chunk] @ train_features.T
-        top_similarity, top_index = similarity.topk(k, dim=1)
+        similarity = torch.addcmul(excluded, query_features[start:start + chunk] @ memory.T, inverse_norm)
+        top_similarity, top_index = similarity.topk(local_k, dim=1)
+        top_labels = vote_labels[top_index]
+        if sharded and dist.get_world_size() > 1:  # (chunk, W * local_k) candidates -> the top k of them
+            top_similarity, top_labels = (dist.gather(t[None]).permute(1, 0, 2).flatten(1)
+                                          for t in (top_similarity, top_labels))
+            top_similarity, pick = top_similarity.topk(k, dim=1)
+            top_labels = top_labels.gather(1, pick)
         weights = (top_similarity / temperature).exp()
-        scores[start:start + chunk].scatter_add_(1, train_labels[top_index], weights)
+        scores[start:start + chunk].scatter_add_(1, top_labels, weights)
     return scores
 
 
 def knn_accuracy(train_features, train_labels, query_features, query_labels, num_classes,
-                 k=200, temperature=0.1, chunk=256):
+                 k=200, temperature=0.1, chunk=256, sharded=False):
     """(acc1, acc5) in percent of the weighted kNN of `knn_predict`; query labels -1 are ignored."""
-    scores = knn_predict(train_features, train_labels, query_features, num_classes, k, temperature, chunk)
+    scores = knn_predict(train_features, train_labels, query_features, num_classes, k, temperature, chunk, sharded)
     acc1, acc5 = accuracy(scores, query_labels.to(scores.device), topk=(1, 5))
     return acc1, acc5
 
 
 @torch.no_grad()
-def probe_validate(backbone, probe, loader, device, channels_last=False, autocast=None):
+def probe_validate(backbone, probe, loader, device, channels_last=False, autocast=None, sharded=False):
     """{"acc1", "acc5"} in percent of the linear `probe` on frozen backbone features over `loader`.
 
-    Counts are accumulated batch by batch, so no (N, classes) logits matrix is kept. The probe
-    runs in float32 on float32 features, like the probe's training step.
+    Counts are accumulated batch by batch on the device, so no (N, classes) logits matrix is kept and
+    nothing is read back until the end. The probe runs in float32 on float32 features, like the probe's
+    training step. sharded: `loader` holds this rank's `Shard`; counts are summed over ranks.
     """
     was_training, memory_format, autocast = _frozen_forward_context(backbone, channels_last, autocast)
-    correct, total = [0, 0], 0
+    counts = torch.zeros(3, dtype=torch.long, device=device)  # correct at top-1, correct at top-5, labelled
     try:
         for images, targets in loader:
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             with autocast():
                 features = backbone(images)
             logits = probe(features.float())
-            batch_correct, batch_total = _correct_counts(logits, torch.as_tensor(targets).to(logits.device), (1, 5))
-            correct = [c + b for c, b in zip(correct, batch_correct)]
-            total += batch_total
+            counts += _correct_counts(logits, torch.as_tensor(targets).to(logits.device, non_blocking=True), (1, 5))
     finally:
         backbone.train(was_training)
-    return {"acc1": 100.0 * correct[0] / max(total, 1), "acc5": 100.0 * correct[1] / max(total, 1)}
+    acc1, acc5 = _percentages(dist.all_reduce_sum(counts) if sharded else counts)
+    return {"acc1": acc1, "acc5": acc5}

@@ -1,6 +1,11 @@
-"""Two gloo processes under torchrun compute what one process computes on the same global batch."""
+"""Two gloo processes under torchrun compute what one process computes on the same global batch; prepare_model's
+SyncBatchNorm and --compile on one process."""
+from types import SimpleNamespace
+
+import pytest
 import torch
 
+from common.run import prepare_model
 from conftest import torchrun
 from simclr import simclr_loss
 
@@ -28,3 +33,69 @@ def test_reductions(tmp_path):
         assert torch.equal(r["sum"], torch.tensor([3.0, 10.0]))
         assert torch.equal(r["mean"], torch.tensor([1.5, 5.0]))
         assert torch.equal(r["gathered"], torch.tensor([[1.0, 0.0], [2.0, 10.0]]))
+
+
+class CompileSpy:
+    """Stands in for torch.compile (which Module.compile calls): records each module compiled and whether it held
+    SyncBatchNorm by then, and returns a wrapper that counts the calls taking the compiled path."""
+
+    def __init__(self):
+        self.compiled, self.had_sync_bn, self.calls = [], [], 0
+
+    def __call__(self, call_impl, **kwargs):
+        module = call_impl.__self__
+        self.compiled.append(module)
+        self.had_sync_bn.append(any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()))
+
+        def compiled(*args, **kw):
+            self.calls += 1
+            return call_impl(*args, **kw)
+        return compiled
+
+
+def byol_pair():
+    import byol
+    from common.backbones import build_backbone
+    torch.manual_seed(0)
+    backbone, feature_dim = build_backbone("resnet_narrow", 16)
+    model = byol.BYOL(backbone, feature_dim, 32, 16, 32, num_classes=10)
+    return model, model.target()  # the target: nn.Sequential(backbone copy, projector copy)
+
+
+def fake_run(compile, world_size=1, device="cpu"):
+    return SimpleNamespace(device=torch.device(device), world_size=world_size,
+                           args=SimpleNamespace(channels_last=False, compile=compile))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_prepare_model_compiles_online_and_target_backbones_in_place(compile, monkeypatch):
+    spy = CompileSpy()
+    monkeypatch.setattr(torch, "compile", spy)
+    model, target = byol_pair()
+    keys = (list(model.state_dict()), list(target.state_dict()))
+    train_model = prepare_model(model, fake_run(compile))
+    prepared_target = prepare_model(target, fake_run(compile), trained=False)
+    assert train_model is model and prepared_target is target  # one process: no wrapper
+    assert (list(model.state_dict()), list(target.state_dict())) == keys  # checkpoints load either way
+    assert spy.compiled == ([model.backbone, target[0]] if compile else [])  # the heads stay eager
+    assert not any(p.requires_grad for p in target.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    views = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    with torch.no_grad():
+        target(views[0])
+        model(views)
+    assert spy.calls == (3 if compile else 0)  # the compiled path is the one forward takes: 1 target + 2 online
+
+
+def test_prepare_model_converts_to_sync_batchnorm_before_compiling(monkeypatch):
+    """Under DDP on GPUs (faked here: the move to the device is skipped) BN becomes SyncBatchNorm, then compiles."""
+    spy = CompileSpy()
+    monkeypatch.setattr(torch, "compile", spy)
+    _, target = byol_pair()
+    keys = list(target.state_dict())
+    monkeypatch.setattr(target, "to", lambda *args, **kwargs: target)
+    prepared = prepare_model(target, fake_run(True, world_size=2, device="cuda"), trained=False)
+    assert prepared is target  # a momentum network gets no DDP wrapper
+    assert spy.compiled == [target[0]] and spy.had_sync_bn == [True]
+    assert not any(type(m) is torch.nn.BatchNorm2d or type(m) is torch.nn.BatchNorm1d for m in target.modules())
+    assert list(target.state_dict()) == keys

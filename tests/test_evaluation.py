@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.evaluation import accuracy, extract_features, knn_accuracy, knn_predict, probe_validate
+from common.evaluation import Shard, accuracy, extract_features, knn_accuracy, knn_predict, probe_validate, unshard
 
 
 def test_accuracy_counts_top_k_and_ignores_unlabelled_rows():
@@ -122,3 +122,17 @@ def test_probe_validate_matches_a_manual_computation():
     assert manual1 == pytest.approx(100 * correct1 / int((labels >= 0).sum()))
     assert scores == pytest.approx({"acc1": manual1, "acc5": manual5})
     assert scores["acc5"] == 100.0  # 5 classes: every labelled row is a top-5 hit
+
+
+def test_shards_split_like_distributed_sampler_and_label_the_padding_unlabelled():
+    items = [(f"image{i}", i % 3) for i in range(10)]
+    shards = [Shard(items, rank, world_size=3) for rank in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]  # ceil(10 / 3) each: gathers need equal sizes
+    for i, item in enumerate(items):  # item i on rank i % 3, at index i // 3
+        assert shards[i % 3][i // 3] == item
+    # 12 places for 10 items: the last two repeat the first two images, labelled -1 (not counted, no kNN vote).
+    assert shards[1][3] == ("image0", -1) and shards[2][3] == ("image1", -1)
+    whole = Shard(items)  # one process: the dataset as it is
+    assert [whole[i] for i in range(len(whole))] == items
+    rows = torch.arange(8.0).view(4, 2)
+    assert torch.equal(unshard(rows, 3), rows[:3])  # one process: only the cut to the dataset's size
