@@ -25,7 +25,6 @@ decay 0.04 -> 0.4 on a cosine, lr 5e-4, clip 3.0) for every flag not given on th
 import argparse
 import copy
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -69,22 +68,21 @@ TRANSFORMERS = ("vit", "swin")
 
 
 def parse_args(argv=None):
-    p = cli.parser("dino", __doc__, RECIPES)
-    p.add_argument("--proj-hidden-dim", type=int, help="head hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="head bottleneck width (before the prototypes)")
-    p.add_argument("--num-prototypes", type=int, help="K: output width of the weight-normed last layer")
-    p.add_argument("--use-bn-in-head", action=argparse.BooleanOptionalAction,
-                   help="BatchNorm after the head's hidden layers")
-    p.add_argument("--student-temp", type=float, help="student temperature tau_s")
-    p.add_argument("--teacher-temp", type=float, help="teacher temperature tau_t after its warm-up")
-    p.add_argument("--warmup-teacher-temp", type=float, help="teacher temperature at epoch 0")
-    p.add_argument("--warmup-teacher-temp-epochs", type=int, help="epochs of linear teacher-temperature warm-up")
-    p.add_argument("--center-momentum", type=float, help="momentum m of the center's moving average")
-    p.add_argument("--freeze-last-layer-epochs", type=int, help="epochs during which the prototypes get no update")
-    p.add_argument("--base-tau", type=float, help="teacher momentum at the first step")
-    p.add_argument("--final-tau", type=float, help="teacher momentum at the last step")
-    p.add_argument("--weight-decay-end", type=float,
-                   help="weight decay at the last step, reached on a cosine [default: --weight-decay, constant]")
+    p, add = cli.parser("dino", __doc__, RECIPES)
+    add("--proj-hidden-dim", cli.positive_int, "head hidden width")
+    add("--proj-output-dim", cli.positive_int, "head bottleneck width (before the prototypes)")
+    add("--num-prototypes", cli.positive_int, "K: output width of the weight-normed last layer")
+    add("--use-bn-in-head", help="BatchNorm after the head's hidden layers", action=argparse.BooleanOptionalAction)
+    add("--student-temp", cli.positive_float, "student temperature tau_s")
+    add("--teacher-temp", cli.positive_float, "teacher temperature tau_t after its warm-up")
+    add("--warmup-teacher-temp", cli.positive_float, "teacher temperature at epoch 0")
+    add("--warmup-teacher-temp-epochs", cli.nonneg_int, "epochs of linear teacher-temperature warm-up")
+    add("--center-momentum", cli.momentum, "momentum m of the center's moving average")
+    add("--freeze-last-layer-epochs", cli.nonneg_int, "epochs during which the prototypes get no update")
+    add("--base-tau", cli.momentum, "teacher momentum at the first step")
+    add("--final-tau", cli.momentum, "teacher momentum at the last step")
+    add("--weight-decay-end", cli.nonneg_float,
+        "weight decay at the last step, reached on a cosine [default: --weight-decay, constant]")
     # Parsed twice: the backbone (given or not) decides which recipe fills the other flags.
     backbone = p.parse_args(argv).backbone or ""
     recipes = RECIPES
@@ -131,18 +129,20 @@ class DINOHead(nn.Module):
 
 
 class DINO(nn.Module):
-    """Student: backbone -> DINO head, plus the online probe on sg(features).
+    """Student: backbone -> DINO head, plus the online probe on sg(features) of every large crop.
     `teacher()` builds the momentum copy of backbone + head."""
 
-    def __init__(self, backbone, feature_dim, hidden_dim, bottleneck_dim, num_prototypes, num_classes, use_bn=False):
+    def __init__(self, backbone, feature_dim, hidden_dim, bottleneck_dim, num_prototypes, num_classes, use_bn=False,
+                 num_large_crops=2):
         super().__init__()
         self.backbone = backbone
         self.head = DINOHead(feature_dim, hidden_dim, bottleneck_dim, num_prototypes, use_bn)
         self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+        self.num_large_crops = num_large_crops
 
     def forward(self, views):
         feats = [self.backbone(v) for v in views]
-        return [self.head(f) for f in feats], self.probe(feats[0].detach())
+        return [self.head(f) for f in feats], self.probe(torch.cat(feats[:self.num_large_crops]).detach())
 
     def teacher(self):
         return nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.head))
@@ -199,7 +199,7 @@ def train(args):
     datasets = build_data(args, run)
     backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
     model = DINO(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, args.num_prototypes,
-                 datasets.num_classes, args.use_bn_in_head)
+                 datasets.num_classes, args.use_bn_in_head, args.num_large_crops)
     teacher = model.teacher()  # starts equal to the student's backbone + head
     train_model = prepare_model(model, run)
     teacher = prepare_model(teacher, run, trained=False)
@@ -221,8 +221,7 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "dino", args, epoch, step, state,
-                                                               extra={"center": center})
+    save = lambda epoch, step: run.save(last_pt, "dino", epoch, step, state, extra={"center": center})
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
@@ -230,17 +229,18 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), teacher.train()  # the teacher's BN uses batch statistics, like the student's
+        # the schedules (temperature per epoch; lr, tau, weight decay per step) are Python numbers, never tensors
         temp = teacher_temperature(epoch, args.warmup_teacher_temp_epochs, args.warmup_teacher_temp, args.teacher_temp)
         freeze = (lambda: cancel_last_layer_grad(model.head)) if epoch < args.freeze_last_layer_epochs else None
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             tau = optim.cosine_tau(step, total_steps, args.base_tau, args.final_tau)
             wd = optim.cosine_tau(step, total_steps, args.weight_decay, args.weight_decay_end)  # same half cosine
             set_weight_decay(optimizer, wd)
             views = [run.to_device(v) for v in views]
-            labels = labels.to(run.device)
+            labels = run.labels_to_device(labels)
             with run.autocast():
                 student_logits, logits = train_model(views)
                 with torch.no_grad():
@@ -248,34 +248,22 @@ def train(args):
             loss = dino_loss(student_logits, teacher_logits, center, student_temp=args.student_temp,
                              teacher_temp=temp)
             optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip, freeze)
+            # all-reduced on the device (no host sync): every rank holds the same center
             center = update_center(center, torch.stack(teacher_logits), momentum=args.center_momentum)
             optim.momentum_update(student, teacher, tau)
             step += 1
-            losses.append(loss.item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr, "tau": tau,
-                         "weight_decay": wd, "teacher_temp": temp})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr, tau=tau, weight_decay=wd, teacher_temp=temp):
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics,
-                      {"tau": tau, "teacher_temp": temp, "weight_decay": wd})
+        epoch_summary(run, meter, step, lr, metrics, {"tau": tau, "teacher_temp": temp, "weight_decay": wd})
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

@@ -86,10 +86,12 @@ def test_no_gradient_reaches_the_teacher():
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in s)
     assert all(x.grad is None for x in t) and center.grad is None
     # the networks: the momentum copy of backbone + head gets no gradient, the student does
-    model = DINO(nn.Sequential(nn.Flatten(), nn.Linear(12, 6)), 6, 16, 8, 32, num_classes=3)
+    model = DINO(nn.Sequential(nn.Flatten(), nn.Linear(12, 6)), 6, 16, 8, 32, num_classes=3, num_large_crops=2)
     teacher = model.teacher()
     views = [torch.randn(4, 3, 2, 2) for _ in range(2)]
-    student, _ = model(views)
+    student, logits = model(views)
+    assert logits.shape == (8, 3)  # the probe sees both large crops (solo-learn), one batch after the other
+    assert torch.equal(model(views + [torch.randn(4, 3, 2, 2)])[1], logits)  # and never a small one
     dino_loss(student, [teacher(v) for v in views], torch.zeros(32)).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in model.head.parameters())
@@ -128,7 +130,8 @@ def test_normalized_linear_is_weight_norm_with_g_fixed_at_1():
 
 
 def fake_run():
-    return SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False))
+    """What optimizer_step uses of a Run: the scaler and the device-side non-finite check (a no-op here)."""
+    return SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *args: None)
 
 
 @pytest.mark.parametrize("name", ["lars", "adamw"])
@@ -181,6 +184,11 @@ def test_recipes():
     assert (given.lr, given.grad_clip, given.optimizer) == (1e-3, 0.0, "adamw")  # flags given win
     with pytest.raises(UsageError):
         parse_args(["--num-large-crops", "1"])
+    for flag, value in [("--teacher-temp", "0"), ("--student-temp", "-1"), ("--center-momentum", "1.5"),
+                        ("--base-tau", "2"), ("--warmup-teacher-temp-epochs", "-1"), ("--num-prototypes", "0"),
+                        ("--weight-decay-end", "-0.1")]:
+        with pytest.raises(UsageError):
+            parse_args([flag, value])
 
 
 # ---- 2 processes ----
@@ -223,7 +231,8 @@ def test_resnet_runs_resumes_exactly_and_freezes_the_prototypes_in_epoch_0(tmp_p
     ImageNet-family recipe warms the teacher temperature up over 50 epochs, across the resume too."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ["--dataset", "folder", "--data-dir", image_folder(tmp_path / "images", val=40), "--crop-size", "32",
-             "--backbone", "resnet_narrow", "--num-small-crops", "1", "--train-subset", "32", "--batch-size", "8"]
+             "--backbone", "resnet_narrow", "--num-small-crops", "1", "--train-subset", "32", "--batch-size", "8",
+             "--epochs", "20"]  # the recipe's 10 warmup epochs need as many epochs (6 steps are run either way)
     run_script(*tiny(straight, *flags, "--max-steps", "6"))
     run_script(*tiny(resumed, *flags, "--max-steps", "2"))
     at2 = torch.load(resumed / "last.pt", weights_only=True)
@@ -256,7 +265,7 @@ def test_ddp_two_processes_keep_ranks_identical(backbone, tmp_path):
     extra = []
     if backbone == "vit_tiny":
         extra = ["--dataset", "folder", "--data-dir", image_folder(tmp_path / "images"), "--crop-size", "32",
-                 "--num-small-crops", "2", "--small-crop-size", "18"]
+                 "--num-small-crops", "2", "--small-crop-size", "18", "--epochs", "20"]  # >= the 10 warmup epochs
     torchrun("tests/rank_params.py", "dino", *tiny(out, "--backbone", backbone, "--max-steps", "2", *extra)[1:])
     r0, r1 = (torch.load(out / f"backbone-rank{r}.pt") for r in range(2))
     assert len(r0) > 10 and all(torch.equal(r0[k], r1[k]) for k in r0)
