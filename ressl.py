@@ -34,7 +34,7 @@ RECIPES = {
                   warmup_epochs=10, probe_lr=0.1, preset="ressl", crop_size=32, student_temperature=0.1,
                   teacher_temperature=0.04, proj_hidden_dim=4096, proj_output_dim=256, queue_size=65536,
                   base_tau=0.99, final_tau=1.0),
-    "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="sgd", lr=0.05, weight_decay=1e-4,
+    "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="sgd", lr=0.3, weight_decay=1e-4,
                      warmup_epochs=10, probe_lr=0.1, preset="ressl", crop_size=224, student_temperature=0.1,
                      teacher_temperature=0.04, proj_hidden_dim=4096, proj_output_dim=256, queue_size=65536,
                      base_tau=0.99, final_tau=1.0),

@@ -35,8 +35,8 @@ PRESET_HELP = {
     "symmetric": "one pipeline: crops 0.08-1, strong jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray 0.2, blur 0.5",
     "symmetric_weak": "one pipeline: crops 0.08-1, jitter (0.4, 0.4, 0.4, 0.1) p 0.8, gray 0.2, blur 0.5",
     "ressl": "a strong view (jitter p 0.8, gray 0.2, blur 0.5) and a weak one (crop and flip only)",
-    "vicreg": "crops 0.2-1, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, solarize 0.1",
-    "wmse": "crops 0.2-1, strong jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray 0.2",
+    "vicreg": "crops 0.2-1, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, blur 0 (0.5 at >= 96px), solarize 0.1",
+    "wmse": "crops 0.2-1, strong jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray 0.2, blur 0 (0.2 at >= 96px)",
     "multicrop": "SwAV: 2 large crops 0.2-1 + small crops 0.08-0.5 (0.05-0.14 at >= 96px) with --num-small-crops",
 }
 PRESETS = tuple(PRESET_HELP)
@@ -79,9 +79,14 @@ def preset_pipelines(preset, size, min_scale=None, invert_prob=0.0):
 
 
 def _preset(preset, size):
-    """The preset's (large pipelines, small pipeline): solo-learn's augmentations per method (docs/fidelity.md)."""
+    """The preset's (large pipelines, small pipeline): solo-learn's augmentation files (docs/fidelity.md).
+
+    Large crops: scripts/pretrain/cifar/ below 96px, scripts/pretrain/imagenet-100/ at and above (only the blur
+    differs). Small crops (--num-small-crops): SwAV's from scripts/pretrain/cifar-multicrop/ (official SwAV's
+    scale at ImageNet size); for the other presets, the first large pipeline on a smaller area below 96px, and
+    at ImageNet size that pipeline without blur or solarization (scripts/pretrain/imagenet-100-multicrop/).
+    """
     imagenet = size >= IMAGENET_SIZE
-    small_scale = (0.05, 0.14) if imagenet else (0.08, 0.5)
     strong_jitter = (0.8, 0.8, 0.8, 0.2)
     if preset == "asymmetric":
         blur = (1.0, 0.1) if imagenet else (0.0, 0.0)
@@ -94,16 +99,19 @@ def _preset(preset, size):
         weak = Pipeline(jitter=(0, 0, 0, 0), jitter_p=0.0, gray_p=0.0)
         large = [Pipeline(blur_p=0.5), weak]
     elif preset == "vicreg":
-        large = [Pipeline(scale=(0.2, 1.0), solarize_p=0.1)]
+        large = [Pipeline(scale=(0.2, 1.0), blur_p=0.5 if imagenet else 0.0, solarize_p=0.1)]
     elif preset == "wmse":
-        large = [Pipeline(scale=(0.2, 1.0), jitter=strong_jitter)]
+        large = [Pipeline(scale=(0.2, 1.0), jitter=strong_jitter, blur_p=0.2 if imagenet else 0.0)]
     elif preset == "multicrop":
         swav = Pipeline(scale=(0.2, 1.0), jitter=(0.6, 0.6, 0.6, 0.2))
         large = [swav, dataclasses.replace(swav, solarize_p=0.2)]
+        small_scale = (0.05, 0.14) if imagenet else (0.08, 0.5)
         return large, Pipeline(scale=small_scale, jitter=strong_jitter, blur_p=0.1, solarize_p=0.1)
     else:
         raise UsageError(f"unknown augmentation preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    return large, dataclasses.replace(large[0], scale=small_scale)
+    if imagenet:
+        return large, dataclasses.replace(large[0], blur_p=0.0, solarize_p=0.0)
+    return large, dataclasses.replace(large[0], scale=(0.08, 0.5))
 
 
 def blur_kernel_size(size):

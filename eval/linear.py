@@ -1,10 +1,13 @@
 """Offline linear evaluation of a frozen backbone.pt (solo-learn's protocol).
 
 A Linear(feature_dim, classes) layer is trained on frozen features with SGD (momentum 0.9),
-batch 256, 100 epochs, lr 0.1, weight decay 0, the lr divided by 10 at 60% and 80% of the
-epochs (epochs 60 and 80 of 100). Training images get RandomResizedCrop(scale 0.08-1) + flip,
-validation images the plain resize/crop. --fast extracts un-augmented features once and trains
-the layer on them: many epochs cost seconds, but without augmentation the numbers are not
+batch 256, 100 epochs, weight decay 0, the lr divided by 10 at 60% and 80% of the epochs
+(epochs 60 and 80 of 100, solo-learn's lr_decay_steps). The lr is the one solo-learn's
+scripts/linear/imagenet-100/<method>.yaml gives the method recorded in backbone.pt (LINEAR_LR;
+0.1 for a method without a config there), for a batch of 256 and scaled by --batch-size / 256
+as solo-learn scales it; --lr overrides it. Training images get RandomResizedCrop(scale 0.08-1)
++ flip, validation images the plain resize/crop. --fast extracts un-augmented features once and
+trains the layer on them: many epochs cost seconds, but without augmentation the numbers are not
 the protocol's, so report which mode was used (the JSON records it).
 
     python eval/linear.py --ckpt runs/byol-cifar10/backbone.pt
@@ -29,30 +32,54 @@ from tqdm import tqdm  # noqa: E402
 
 from common import augment, data, dist, evaluation  # noqa: E402
 from common.backbones import load_backbone  # noqa: E402
-from common.cli import Parser, UsageError, run_main  # noqa: E402
+from common.cli import (Parser, UsageError, nonneg_float, nonneg_int, positive_float, positive_int,  # noqa: E402
+                        run_main)
+
+# Base lr (batch 256) per pretraining method: optimizer.lr of solo-learn's scripts/linear/imagenet-100/*.yaml.
+LINEAR_LR = {"barlow_twins": 0.1, "byol": 0.3, "deepclusterv2": 0.15, "dino": 0.3, "mocov2plus": 3.0,
+             "mocov3": 0.3, "nnclr": 0.3, "ressl": 3.0, "simclr": 1.0, "simsiam": 30.0, "swav": 0.15,
+             "vibcreg": 0.3, "vicreg": 0.3}
+DEFAULT_LINEAR_LR = 0.1  # methods solo-learn has no linear config for (supcon, wmse, ...): its usual SGD lr
+
+
+def existing_file(path):
+    """--ckpt: a file that exists, checked when the flag is parsed (one line, exit status 2)."""
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"checkpoint not found: {path} (pass the backbone.pt a run wrote)")
+    return path
+
+
+def linear_lr(method, batch_size, lr=None):
+    """(base lr for a batch of 256, lr used): --lr if given, else LINEAR_LR of the checkpoint's method."""
+    base = lr if lr is not None else LINEAR_LR.get(method, DEFAULT_LINEAR_LR)
+    return base, base * batch_size / 256
 
 
 def build_parser():
     p = Parser(prog="eval/linear.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="backbone.pt written by a method script [required]")
+    p.add_argument("--ckpt", required=True, type=existing_file,
+                   help="backbone.pt written by a method script [required]")
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to evaluate on [default: the one stored in --ckpt]")
     p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
-    p.add_argument("--epochs", type=int, default=100, help="epochs of linear-layer training [default: %(default)s]")
-    p.add_argument("--batch-size", type=int, default=256, help="mini-batch size [default: %(default)s]")
-    p.add_argument("--lr", type=float, default=0.1,
-                   help="SGD learning rate, divided by 10 at 60%% and 80%% of the epochs [default: %(default)s]")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay [default: %(default)s]")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--epochs", type=positive_int, default=100,
+                   help="epochs of linear-layer training [default: %(default)s]")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="mini-batch size [default: %(default)s]")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="SGD learning rate for a batch of 256 (scaled by --batch-size / 256), divided by 10 at 60%% "
+                        "and 80%% of the epochs [default: solo-learn's for the checkpoint's method: "
+                        + ", ".join(f"{m} {v:g}" for m, v in LINEAR_LR.items()) + f"; others {DEFAULT_LINEAR_LR}]")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="SGD weight decay [default: %(default)s]")
+    p.add_argument("--workers", type=nonneg_int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes [default: %(default)s, min(8, CPUs)]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present, else CPU [default: %(default)s]")
     p.add_argument("--fast", action="store_true",
                    help="train on features extracted once, without augmentation [default: off]")
     p.add_argument("--out", default=None, help="JSON result file [default: linear.json next to --ckpt]")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=nonneg_int, default=0,
                    help="seed of the layer init, shuffling, augmentation, --max-train subset [default: %(default)s]")
-    p.add_argument("--max-train", type=int, default=None,
+    p.add_argument("--max-train", type=positive_int, default=None,
                    help="train on a random subset of N images, for quick runs [default: all]")
     return p
 
@@ -156,15 +183,9 @@ def train_full(args, backbone, probe, optimizer, train_loader, val_loader, devic
 
 def run(argv=None):
     args = build_parser().parse_args(argv)
-    for flag in ("epochs", "batch_size"):
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.max_train is not None and args.max_train <= 0:
-        raise UsageError(f"--max-train must be positive, got {args.max_train}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     device = dist.resolve_device(args.device)
     backbone, meta = load_backbone(args.ckpt)
+    args.base_lr, args.lr = linear_lr(meta.get("method"), args.batch_size, args.lr)
     args.dataset = args.dataset or meta.get("dataset")
     if args.dataset is None:
         raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
@@ -200,14 +221,14 @@ def run(argv=None):
 
     final = history[-1]
     result = {"acc1": final["acc1"], "acc5": final["acc5"], "epochs": args.epochs, "dataset": args.dataset,
-              "ckpt": str(args.ckpt), "mode": "fast" if args.fast else "full", "lr": args.lr,
+              "ckpt": str(args.ckpt), "mode": "fast" if args.fast else "full", "base_lr": args.base_lr, "lr": args.lr,
               "weight_decay": args.weight_decay, "batch_size": args.batch_size, "train_images": len(train_set),
               "val_images": len(val_set), "backbone": meta["name"], "method": meta.get("method"),
               "history": history}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "linear.json")
     write_json(result, out)
     print(f"linear eval ({result['mode']}) of {args.ckpt} on {args.dataset}: "
-          f"acc@1 {final['acc1']:.2f}  acc@5 {final['acc5']:.2f}  -> {out}")
+          f"acc@1 {final['acc1']:.2f}  acc@5 {final['acc5']:.2f}  (lr {args.lr:g})  -> {out}")
     return result
 
 

@@ -82,7 +82,10 @@ def test_linear_writes_json(runs, ckpt, mode):
     assert 0 <= result["acc1"] <= result["acc5"] <= 100
     assert [h["epoch"] for h in result["history"]] == [0, 1]
     assert result["history"][-1]["acc1"] == result["acc1"]
-    assert result["history"][1]["lr"] == pytest.approx(0.01)  # 2 epochs: decayed at 60% = epoch 1
+    # The checkpoint's method sets the lr (solo-learn's simclr linear config: 1.0 at batch 256; these runs use 256).
+    assert result["method"] == "simclr" and result["base_lr"] == result["lr"] == 1.0 and result["batch_size"] == 256
+    assert result["history"][0]["lr"] == 1.0
+    assert result["history"][1]["lr"] == pytest.approx(0.1)  # 2 epochs: decayed at 60% = epoch 1
 
 
 def test_knn_writes_json_next_to_ckpt(runs, ckpt):
@@ -122,6 +125,33 @@ def test_usage_errors_are_one_line_exit_2(capsys, tmp_path, ckpt, last_pt_like, 
     assert_usage_error(capsys, script, ["--ckpt", last_pt_like], "not a backbone.pt")
     assert_usage_error(capsys, script, ["--ckpt", ckpt, "--dataset", "mnist"], "invalid choice: 'mnist'")
     assert_usage_error(capsys, script, [], "--ckpt")
+
+
+def test_linear_usage_errors_name_the_flag(capsys, tmp_path, ckpt):
+    """Every numeric flag of eval/linear.py is range-checked, and --ckpt must be an existing file."""
+    bad = [(["--epochs", "0"], "--epochs"), (["--batch-size", "-1"], "--batch-size"), (["--lr", "0"], "--lr"),
+           (["--lr", "nan"], "--lr"), (["--weight-decay", "-1e-4"], "--weight-decay"), (["--workers", "-1"], "--workers"),
+           (["--seed", "-1"], "--seed"), (["--max-train", "0"], "--max-train"), (["--epochs", "1.5"], "--epochs")]
+    for extra, flag in bad:
+        assert_usage_error(capsys, "linear", ["--ckpt", ckpt, *extra], f"argument {flag}")
+    assert_usage_error(capsys, "linear", ["--ckpt", tmp_path], "checkpoint not found")  # a folder, not a file
+
+
+def test_linear_lr_comes_from_the_checkpoints_method():
+    linear = load_script("linear")
+    assert linear.linear_lr("simsiam", 256) == (30.0, 30.0)  # scripts/linear/imagenet-100/simsiam.yaml
+    assert linear.linear_lr("simsiam", 128) == (30.0, 15.0)  # scaled by batch / 256, as solo-learn does
+    assert linear.linear_lr("barlow_twins", 512) == (0.1, 0.2)
+    assert linear.linear_lr("supcon", 256) == (0.1, 0.1)  # no linear config in solo-learn: 0.1
+    assert linear.linear_lr(None, 256) == (0.1, 0.1)  # a backbone.pt without a method
+    assert linear.linear_lr("simsiam", 512, lr=0.5) == (0.5, 1.0)  # --lr overrides the method's
+
+
+def test_linear_step_decay_at_solo_learns_epochs():
+    linear = load_script("linear")
+    lrs = [linear.step_lr(3.0, epoch, 100) for epoch in range(100)]
+    assert lrs[59] == 3.0 and lrs[60] == pytest.approx(0.3) and lrs[79] == pytest.approx(0.3)  # lr_decay_steps
+    assert lrs[80] == pytest.approx(0.03) and lrs[99] == pytest.approx(0.03)  # [60, 80], gamma 0.1
 
 
 @pytest.mark.parametrize("script", ["linear", "knn"])
