@@ -1,0 +1,217 @@
+"""NNSiam: SimSiam with nearest-neighbour targets, from With a Little Help from My Friends: Nearest-Neighbor
+Contrastive Learning of Visual Representations (Dwibedi, Aytar, Tompson, Sermanet and Zisserman, ICCV 2021).
+
+Idea: SimSiam (one network; a predictor maps one view's projection to the other's, held constant by a
+stop-gradient), with the target replaced by its nearest neighbour in a support set: a queue of normalized
+projections of past batches. The neighbour is usually another image of similar content, which gives more
+semantic variation than augmentations alone (the NNCLR paper's SimSiam variant; solo-learn's nnsiam.py).
+The neighbour is a lookup among stored embeddings: no gradient reaches it; the predictor's lr stays fixed.
+
+Loss, with z = n(proj(x)), p = pred(proj(x)), NN(z) = argmax_{s in Q} z.s (cosine, Q holds unit rows):
+    L = -( mean_i cos(p1_i, sg(NN(z2)_i)) + mean_i cos(p2_i, sg(NN(z1)_i)) ) / 2     (-1 at best)
+then Q <- all-gathered z1 (a ring of 65536, with labels). Every step uses the neighbour, from the first one
+(the queue starts as random unit rows, as in solo-learn). No momentum network.
+The labels never enter training: the share of neighbours with the query's label is logged as nn_acc.
+
+    python nnsiam.py --dataset synthetic                         # offline CPU demo, minutes
+    python nnsiam.py --dataset cifar10                           # solo-learn CIFAR recipe
+    torchrun --nproc_per_node=4 nnsiam.py --dataset imagenet100 --data-dir /data/imagenet100
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import checkpoint, cli, dist, optim
+from common.backbones import build_backbone
+from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
+
+# ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
+_NNSIAM = dict(proj_hidden_dim=2048, proj_output_dim=2048, pred_hidden_dim=4096, queue_size=65536)
+RECIPES = {
+    # solo-learn scripts/pretrain/cifar/nnsiam.yaml (its augmentations: asymmetric.yaml)
+    "cifar": dict(backbone="resnet18", epochs=1000, batch_size=256, optimizer="sgd", lr=0.5, weight_decay=1e-5,
+                  warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=32, **_NNSIAM),
+    # solo-learn has no imagenet-100 nnsiam.yaml: the CIFAR values at 224px over 400 epochs
+    "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="sgd", lr=0.5, weight_decay=1e-5,
+                     warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, **_NNSIAM),
+    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # 30% of the image, AdamW; solo-learn's widths divided by 4, a support set of 8 batches.
+    "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
+                      weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,
+                      min_scale=0.3, proj_hidden_dim=512, proj_output_dim=512, pred_hidden_dim=1024, queue_size=2048,
+                      data_backend="device", workers=2),
+}
+
+
+def parse_args(argv=None):
+    p, add = cli.parser("nnsiam", __doc__, RECIPES)
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width (z)")
+    add("--pred-hidden-dim", cli.positive_int, "predictor hidden width")
+    add("--queue-size", cli.positive_int, "embeddings in the support set (a multiple of the global batch)")
+    args = cli.resolve(p, argv, "nnsiam", RECIPES)
+    if args.num_large_crops != 2 or args.num_small_crops:
+        raise cli.UsageError("nnsiam trains on two views: use --num-large-crops 2 --num-small-crops 0")
+    return args
+
+
+# ---- heads ----
+def projector(in_dim, hidden_dim, out_dim):
+    """Linear-BN-ReLU-Linear-BN-ReLU-Linear-BN(no affine). Every Linear is followed by a BN that removes its
+    bias, so none has one (solo-learn keeps the last bias but freezes it: the same function)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=False),
+                         nn.BatchNorm1d(out_dim, affine=False))
+
+
+def predictor(dim, hidden_dim):
+    """Linear(no bias)-BN-ReLU-Linear: solo-learn's NNSiam predictor (2048-4096-2048, wider than SimSiam's)."""
+    return nn.Sequential(nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, dim))
+
+
+class NNSiam(nn.Module):
+    """Backbone -> projector -> predictor, plus the online probe on sg(features) of both crops. Returns per
+    view the prediction p and z = n(projection) (for the support set)."""
+
+    def __init__(self, backbone, feature_dim, proj_hidden, proj_out, pred_hidden, num_classes):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector(feature_dim, proj_hidden, proj_out)
+        self.predictor = predictor(proj_out, pred_hidden)
+        self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+
+    def forward(self, views):
+        feats = [self.backbone(v) for v in views]
+        projections = [self.projector(f) for f in feats]
+        z = [F.normalize(x.float(), dim=1) for x in projections]
+        return [self.predictor(x) for x in projections], z, self.probe(torch.cat(feats).detach())
+
+
+def param_groups(model, lr, probe_lr, weight_decay, exclude_1d):
+    """Backbone and projector follow the warmup-cosine schedule; the predictor keeps `lr` throughout
+    (`fixed_lr`, read by optim.set_lr: solo-learn's static_lr); the probe has its own lr and no weight decay."""
+    groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), weight_decay,
+                                exclude_1d=exclude_1d, lr=lr)
+    groups += optim.param_groups(model.predictor, weight_decay, exclude_1d=exclude_1d, lr=lr, fixed_lr=True)
+    return groups + optim.param_groups(model.probe, 0.0, lr=probe_lr)
+
+
+# ---- loss: the support set, then the loss itself ----
+@torch.no_grad()
+def nearest_neighbour(z, queue):
+    """(rows of `queue` (K, D) of largest z.Q^T, their indices): the cosine nearest neighbours of the unit rows
+    of z in the support set of unit rows. A lookup: the result carries no gradient."""
+    index = (z.float() @ queue.float().T).argmax(dim=1)
+    return queue[index], index
+
+
+def check_queue_size(queue_size, global_batch):
+    """The ring takes whole global batches: a queue that is not a multiple of one is refused."""
+    if queue_size % global_batch:
+        fix = max(1, round(queue_size / global_batch)) * global_batch
+        raise cli.UsageError(f"--queue-size {queue_size} is not a multiple of the global batch {global_batch} "
+                             f"(--batch-size x processes): use e.g. --queue-size {fix}")
+
+
+@torch.no_grad()
+def enqueue(queue, queue_labels, ptr, z, labels):
+    """Write the embeddings and labels of every rank (all-gathered in rank order) into the ring at row ptr
+    (a Python int: no device read), oldest out; returns the next ptr. Every rank holds the same support set."""
+    z, labels = dist.gather(z.detach().to(queue.dtype)), dist.gather(labels)
+    queue[ptr:ptr + len(z)], queue_labels[ptr:ptr + len(z)] = z, labels
+    return (ptr + len(z)) % len(queue)
+
+
+def nnsiam_loss(p1, p2, nn1, nn2):
+    """L = -( mean_i cos(p1_i, sg(nn2_i)) + mean_i cos(p2_i, sg(nn1_i)) ) / 2: SimSiam's loss with each target
+    the support-set neighbour nn_v of view v's normalized projection. From 1 (opposite) to -1 (aligned); the
+    neighbours get no gradient."""
+    def similarity(p, t):
+        return F.cosine_similarity(p.float(), t.detach().float(), dim=-1).mean()
+    return -(similarity(p1, nn2) + similarity(p2, nn1)) / 2
+
+
+# ---- training ----
+def train(args):
+    torch.manual_seed(args.seed)  # the same initial weights and support set on every rank
+    run = Run(args)
+    check_queue_size(args.queue_size, args.batch_size * run.world_size)
+    datasets = build_data(args, run)
+    backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
+    model = NNSiam(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, args.pred_hidden_dim,
+                   datasets.num_classes)
+    train_model = prepare_model(model, run)
+    # random unit rows (label -1) until real embeddings replace them, as in solo-learn
+    queue = F.normalize(torch.randn(args.queue_size, args.proj_output_dim), dim=1).to(run.device)
+    queue_labels = torch.full((args.queue_size,), -1, dtype=torch.long, device=run.device)
+    ptr = 0
+    groups = param_groups(model, run.scale_lr(args.lr), run.scale_lr(args.probe_lr), args.weight_decay,
+                          exclude_1d=args.optimizer == "lars")
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+
+    state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
+    epoch, step = 0, 0
+    if path := checkpoint.resume_path(args):
+        epoch, step, extra = checkpoint.load(path, "nnsiam", state)
+        if extra["queue"].shape != queue.shape:
+            raise cli.UsageError(f"{path} holds a support set of shape {tuple(extra['queue'].shape)}, not "
+                                 f"{tuple(queue.shape)}: resume with its --queue-size and --proj-output-dim")
+        queue.copy_(extra["queue"]), queue_labels.copy_(extra["queue_labels"])
+        ptr = extra["queue_ptr"]
+        run.print(f"resumed from {path} at epoch {epoch}, step {step}")
+    steps_per_epoch = datasets.steps_per_epoch
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    last_pt = os.path.join(args.out_dir, "last.pt")
+    save = lambda epoch, step: run.save(last_pt, "nnsiam", epoch, step, state,
+                                        extra={"queue": queue, "queue_labels": queue_labels, "queue_ptr": ptr})
+    labelled = datasets.num_classes > 0  # nn_acc needs labels; on unlabelled data it is not logged
+
+    stop = "max_steps" if args.max_steps and step >= args.max_steps else None
+    while epoch < args.epochs and stop is None:
+        skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
+        model.train()
+        bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss and nn_acc stay on the device: read only every --log-every steps
+        nn_acc_sum = torch.zeros((), device=run.device)
+        for views, labels, indexes in bar:
+            lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
+            views = [run.to_device(v) for v in views]
+            labels = run.labels_to_device(labels)
+            with run.autocast():
+                (p1, p2), (z1, z2), logits = train_model(views)
+            (nn1, index1), (nn2, _) = nearest_neighbour(z1, queue), nearest_neighbour(z2, queue)
+            loss = nnsiam_loss(p1, p2, nn1, nn2)
+            nn_acc = (queue_labels[index1] == labels).float().mean()  # the neighbour has the view's label
+            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            ptr = enqueue(queue, queue_labels, ptr, z1, labels)  # after the loss, as solo-learn's queue
+            step += 1
+            nn_acc_sum += nn_acc
+            if stop := meter.update(step, loss, len(labels), lr, **({"nn_acc": nn_acc} if labelled else {})):
+                break
+        finished_epoch = step == (epoch + 1) * steps_per_epoch
+        final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
+            save(epoch, step)
+            run.preempted(stop, last_pt, epoch, step)
+        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
+        if labelled:  # the epoch's mean over steps and ranks: one sync, at the epoch's end
+            metrics["nn_acc"] = dist.all_reduce_mean(nn_acc_sum).item() / max(1, meter.steps)
+        epoch_summary(run, meter, step, lr, metrics)
+        epoch += finished_epoch
+        save(epoch, step)
+    finish(run, model.backbone, feature_dim)
+    run.close()
+
+
+def main(argv=None):
+    cli.run_main(lambda a: train(parse_args(a)), argv)
+
+
+if __name__ == "__main__":
+    main()
