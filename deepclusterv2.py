@@ -7,7 +7,12 @@ once per head with its own number of clusters; each head's centroids become its 
 and each image's cluster becomes its pseudo-label. During the epoch every view of an image is
 classified by each head into its image's cluster. Several heads (3 k-means with different
 initialisations) smooth out the noise of any single clustering. Here the bank is filled by one
-pass over the data before epoch 0, so the first epoch already trains on real clusters.
+pass over the data before epoch 0, so the first epoch already trains on real clusters. solo-learn does not:
+its on_train_epoch_start (solo/methods/deepclusterv2.py, lines 149-152) sets every assignment to -1 in epoch 0
+and its loss (solo/losses/deepclusterv2.py) is a cross-entropy with ignore_index=-1, so epoch 0 has no target
+at all (the loss is NaN and its gradient zero: only the online probe learns) while the bank, initialised with
+random unit vectors, fills; k-means first runs at the start of epoch 1. This departure is deliberate
+(RECIPES.md, docs/fidelity.md): a wasted epoch, 1 of 1000 on CIFAR, and a NaN in the logs.
 
 Loss, with z = n(proj(x)), C_h the unit centroids of head h, y_h(i) the cluster of image i, T = temperature:
     L = 1/H sum_h mean_{views v, images i} CE(z_v[i] C_h^T / T, y_h(i))
@@ -18,7 +23,6 @@ Head h clusters the bank of large crop h mod (number of large crops), like the o
     torchrun --nproc_per_node=4 deepclusterv2.py --dataset imagenet100 --data-dir /data/imagenet100
 """
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -50,21 +54,22 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = cli.parser("deepclusterv2", __doc__, RECIPES)
-    p.add_argument("--temperature", type=float, help="softmax temperature T of the classification")
-    p.add_argument("--num-prototypes", type=int, nargs="+", help="clusters of each head (one number per head)")
-    p.add_argument("--kmeans-iters", type=int, help="spherical k-means iterations at every epoch start")
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width (z)")
+    p, add = cli.parser("deepclusterv2", __doc__, RECIPES)
+    add("--temperature", cli.positive_float, "softmax temperature T of the classification")
+    add("--num-prototypes", cli.positive_int, "clusters of each head (one number per head)", nargs="+")
+    add("--kmeans-iters", cli.nonneg_int, "spherical k-means iterations (M-steps) at every epoch start")
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width (z)")
     return cli.resolve(p, argv, "deepclusterv2", RECIPES)
 
 
 # ---- heads ----
 class DeepClusterV2(nn.Module):
     """Backbone -> projector (Linear-BN-ReLU-Linear) -> n(z); one frozen prototype layer per head (the k-means
-    centroids, copied in at every epoch start); the online probe on sg(features)."""
+    centroids, copied in at every epoch start); the online probe on sg(features) of every large crop."""
 
-    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_prototypes, num_classes):
+    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_prototypes, num_classes,
+                 num_large_crops=2):
         super().__init__()
         self.backbone = backbone
         self.projector = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
@@ -72,23 +77,28 @@ class DeepClusterV2(nn.Module):
         self.prototypes = nn.ModuleList(nn.Linear(output_dim, k, bias=False) for k in num_prototypes)
         self.prototypes.requires_grad_(False)
         self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+        self.num_large_crops = num_large_crops
 
     def forward(self, views):
         """views: list of image batches, large crops first. Returns (n(z) per view, probe logits)."""
         feats = [self.backbone(v) for v in views]
-        return [F.normalize(self.projector(f), dim=1) for f in feats], self.probe(feats[0].detach())
+        z = [F.normalize(self.projector(f), dim=1) for f in feats]
+        return z, self.probe(torch.cat(feats[:self.num_large_crops]).detach())
 
 
 # ---- loss and clustering ----
 def deepclusterv2_loss(z, prototypes, targets, temperature=0.1):
     """z: one (B, D) tensor per view; prototypes: one (K_h, D) tensor of unit centroids per head (no gradient);
     targets: (H, B) cluster of each image per head, -100 where unknown (ignored).
-    L = 1/H sum_h mean_{v, b} CE(n(z_v[b]) C_h^T / T, targets[h, b])"""
+    L = 1/H sum_h mean_{v, b} CE(n(z_v[b]) C_h^T / T, targets[h, b])   (0 when no target is known)"""
     z = F.normalize(torch.cat(z).float(), dim=1)
-    if (targets < 0).all():  # nothing to learn from (and CE would be NaN); keeps the graph for DDP
-        return z.sum() * 0.0
-    losses = [F.cross_entropy(z @ c.detach().float().T / temperature, t.repeat(len(z) // len(t)), ignore_index=-100)
-              for c, t in zip(prototypes, targets)]
+    losses = []
+    for c, t in zip(prototypes, targets):
+        t = t.repeat(len(z) // len(t))
+        # The mean over known targets as their sum over their count (at least 1): 0, not NaN, when none is known,
+        # with z still in the graph (DDP), and no branch that would have to read the targets back from the device.
+        total = F.cross_entropy(z @ c.detach().float().T / temperature, t, ignore_index=-100, reduction="sum")
+        losses.append(total / (t >= 0).sum().clamp(min=1))
     return sum(losses) / len(losses)
 
 
@@ -110,11 +120,12 @@ def spherical_kmeans(x, centroids, iterations=10, chunk=8192):
 
 def update_bank(bank, filled, z, indexes):
     """Write the n(z) of every rank's large crops (z: one (B, D) tensor per large crop) into the bank rows of
-    their dataset indexes, in place. Gathered from all ranks, so every rank holds the same bank."""
+    their dataset indexes, in place. Gathered from all ranks, so every rank holds the same bank. Index copies
+    with the indexes on the device: nothing is read back (the step never waits for the device)."""
     indexes = dist.gather(indexes)
     for view, rows in enumerate(z):
-        bank[view, indexes] = dist.gather(rows.detach().float())
-    filled[indexes] = True
+        bank[view].index_copy_(0, indexes, dist.gather(rows.detach().float()))
+    filled.index_fill_(0, indexes, True)
 
 
 def cluster_bank(bank, filled, num_prototypes, iterations=10, seed=0, epoch=0):
@@ -149,7 +160,7 @@ def train(args):
                              "per epoch: use fewer prototypes")
     backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
     model = DeepClusterV2(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, args.num_prototypes,
-                          datasets.num_classes)
+                          datasets.num_classes, args.num_large_crops)
     train_model = prepare_model(model, run)
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
@@ -176,18 +187,19 @@ def train(args):
         with torch.no_grad(), run.autocast():
             for views, _, indexes in run.progress(datasets.loader, "0 (filling the memory bank)"):
                 z, _ = model([run.to_device(v) for v in views[:args.num_large_crops]])
-                update_bank(bank, filled, z, indexes.to(run.device))
+                update_bank(bank, filled, z, run.labels_to_device(indexes))
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(
-        last_pt, "deepclusterv2", args, epoch, step, state,
+    save = lambda epoch, step: run.save(
+        last_pt, "deepclusterv2", epoch, step, state,
         extra={"bank": bank.cpu(), "filled": filled.cpu(), "assignments": assignments.cpu(),
                "assigned_epoch": assigned_epoch})
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         if assigned_epoch != epoch:  # not when resuming mid-epoch: that epoch's clusters are in last.pt
+            # k-means syncs with the host (masks, nonzero), once an epoch: outside the step
             centroids, assignments = cluster_bank(bank, filled, args.num_prototypes, args.kmeans_iters, args.seed,
                                                   epoch)
             with torch.no_grad():
@@ -198,42 +210,32 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             views = [run.to_device(v) for v in views]
-            labels, indexes = labels.to(run.device), indexes.to(run.device)
+            labels, indexes = run.labels_to_device(labels, indexes)
             with run.autocast():
                 z, logits = train_model(views)
-            loss = deepclusterv2_loss(z, [layer.weight for layer in model.prototypes], assignments[:, indexes],
+            targets = assignments.index_select(1, indexes)  # (H, B) pseudo-labels, looked up on the device
+            loss = deepclusterv2_loss(z, [layer.weight for layer in model.prototypes], targets,
                                       temperature=args.temperature)
             optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             update_bank(bank, filled, z[:args.num_large_crops], indexes)
             step += 1
-            losses.append(loss.item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr):
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch_summary(run, meter, step, lr, metrics)
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

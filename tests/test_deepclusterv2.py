@@ -4,12 +4,14 @@ import json
 import math
 import shutil
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from common.cli import UsageError
 from common.data import EpochSampler
 from conftest import TINY, run_script, step_losses, torchrun
-from deepclusterv2 import cluster_bank, deepclusterv2_loss, spherical_kmeans
+from deepclusterv2 import DeepClusterV2, cluster_bank, deepclusterv2_loss, parse_args, spherical_kmeans
 from dist_deepclusterv2 import clustered, planted_batch
 
 HEADS = ["--proj-hidden-dim", "32", "--proj-output-dim", "16", "--num-prototypes", "10", "10", "10"]
@@ -74,6 +76,25 @@ def test_gradient_reaches_z_not_prototypes():
     deepclusterv2_loss(z, prototypes, torch.randint(0, 5, (2, 4))).backward()
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in z)
     assert all(p.grad is None for p in prototypes)
+    # no known target: 0 with a zero gradient, z still in the graph (DDP needs every parameter used)
+    unknown = deepclusterv2_loss(z, prototypes, torch.full((2, 4), -100))
+    assert unknown.requires_grad and unknown.item() == 0.0
+    z[0].grad = None
+    unknown.backward()
+    assert torch.equal(z[0].grad, torch.zeros(4, 6))
+
+
+def test_probe_sees_every_large_crop_and_flag_ranges():
+    model = DeepClusterV2(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6)), 6, 16, 8, [5, 7],
+                          num_classes=3, num_large_crops=2)
+    views = [torch.randn(4, 3, 2, 2) for _ in range(3)]  # 2 large crops and a third view
+    z, logits = model(views)
+    assert len(z) == 3 and logits.shape == (8, 3)  # both large crops, one batch after the other (solo-learn)
+    assert torch.equal(logits, model(views[:2])[1])
+    assert parse_args(["--num-prototypes", "4", "5"]).num_prototypes == [4, 5]
+    for flags in (["--num-prototypes", "10", "0"], ["--temperature", "0"], ["--kmeans-iters", "-1"]):
+        with pytest.raises(UsageError):
+            parse_args(flags)
 
 
 def test_bank_rows_and_head_views():
