@@ -10,8 +10,8 @@ initialisations) smooth out the noise of any single clustering. Here the bank is
 pass over the data before epoch 0, so the first epoch already trains on real clusters. solo-learn does not:
 its on_train_epoch_start (solo/methods/deepclusterv2.py, lines 149-152) sets every assignment to -1 in epoch 0
 and its loss (solo/losses/deepclusterv2.py) is a cross-entropy with ignore_index=-1, so epoch 0 has no target
-at all (the loss is NaN and its gradient zero: only the online probe learns) while the bank, initialised with
-random unit vectors, fills; k-means first runs at the start of epoch 1. This departure is deliberate
+at all (the loss is NaN, its gradient zero: backbone and projector get only weight decay, the online probe alone
+learns) while the bank, initialised with random unit vectors, fills; k-means first runs at the start of epoch 1. This departure is deliberate
 (RECIPES.md, docs/fidelity.md): a wasted epoch, 1 of 1000 on CIFAR, and a NaN in the logs.
 
 Loss, with z = n(proj(x)), C_h the unit centroids of head h, y_h(i) the cluster of image i, T = temperature:
