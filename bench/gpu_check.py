@@ -78,10 +78,10 @@ def check_syncs(opts, size):
 
 def check_throughput(opts):
     rows, ok = [], True
-    backends = ("device", "torchvision")
-    for backend in backends:
+    for backend in opts.backends:
         argv = [sys.executable, "bench/throughput.py", "--methods", *opts.throughput_methods, "--backbone",
-                opts.backbone, "--batch-size", str(opts.batch_size), "--steps", str(opts.steps), "--warmup", "3",
+                opts.backbone, "--batch-size", str(opts.batch_size), "--steps", str(opts.steps), "--warmup",
+                "3" if opts.cuda else "1",
                 "--workers", str(opts.workers), "--", "--data-backend", backend, "--crop-size", str(opts.crop_size),
                 "--precision", opts.precision]
         proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -114,12 +114,14 @@ def check_fp16(opts, size):
 
 def check_resume_precision(opts, size):
     first, second = ("bf16", "fp16") if opts.cuda else ("fp32", "bf16")
+    n = opts.resume_steps
     out = Path(tempfile.mkdtemp())
-    a = script("byol", out, size, "--precision", first, "--max-steps", "10", "--log-every", "5")
-    b = script("byol", out, size, "--precision", second, "--max-steps", "20", "--log-every", "5")
+    a = script("byol", out, size, "--precision", first, "--max-steps", str(n), "--log-every", "1")
+    b = script("byol", out, size, "--precision", second, "--max-steps", str(2 * n), "--log-every", "1")
     steps = [m["step"] for m in b[2] if m["type"] == "step"]
-    ok = a[0] == 0 and b[0] == 0 and steps and steps[-1] == 20
-    return f"{first} for 10 steps, then {second} to 20: exit {a[0]} / {b[0]}, last logged step {steps[-1] if steps else '-'}" \
+    ok = a[0] == 0 and b[0] == 0 and steps and steps[-1] == 2 * n
+    return f"{first} for {n} steps, then {second} to {2 * n}: exit {a[0]} / {b[0]}, last logged step " \
+           f"{steps[-1] if steps else '-'}" \
            + ("" if ok else f" ({tail(b[1])})"), ok
 
 
@@ -132,7 +134,7 @@ def check_dali(opts):
     import numpy as np
     root = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)
-    for split, count in (("train", opts.dali_images), ("val", 32)):
+    for split, count in (("train", opts.dali_images), ("val", 16)):
         for c in range(4):
             folder = root / split / f"class{c}"
             folder.mkdir(parents=True)
@@ -140,9 +142,10 @@ def check_dali(opts):
                 Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
     out = Path(tempfile.mkdtemp())
     start = time.time()
-    status, text, metrics = script("byol", out, ["--backbone", opts.backbone, "--batch-size", "32", "--crop-size",
+    status, text, metrics = script("byol", out, ["--backbone", opts.backbone, "--batch-size", "8", "--crop-size",
                                                  str(opts.crop_size)], "--dataset", "folder", "--data-dir", str(root),
-                                   "--data-backend", "dali", "--max-steps", "10", "--log-every", "5",
+                                   "--data-backend", "dali", "--max-steps", "10" if opts.cuda else "1",
+                                   "--log-every", "5",
                                    "--workers", "2")
     where = "GPU" if opts.cuda else "CPU-only mode"
     return f"byol on a {opts.dali_images}-image JPEG folder, DALI on the {where}: exit {status}, " \
@@ -200,17 +203,18 @@ def main(argv=None):
     opts.cuda = torch.cuda.is_available() and not opts.cpu_smoke
     if not opts.cuda and not opts.cpu_smoke:
         raise SystemExit("error: no CUDA GPU visible: run with --cpu-smoke to exercise the script on the CPU")
-    if opts.cpu_smoke:
-        opts.backbone, opts.crop_size, opts.batch_size, opts.steps, opts.workers = "resnet_narrow", 16, 16, 2, 0
-        opts.precision, opts.throughput_methods, opts.fp16_steps, opts.dali_images = "fp32", ["byol"], 4, 32
-        opts.compile_steps, opts.smoke_compile = 2, False
+    if opts.cpu_smoke:  # the smallest sizes that still run every code path: a test runs this
+        opts.backbone, opts.crop_size, opts.batch_size, opts.steps, opts.workers = "resnet_narrow", 16, 8, 2, 0
+        opts.precision, opts.throughput_methods, opts.fp16_steps, opts.dali_images = "fp32", ["byol"], 4, 16
+        opts.compile_steps, opts.smoke_compile, opts.backends, opts.resume_steps = 2, False, ["device"], 1
     else:
         opts.backbone, opts.crop_size, opts.batch_size, opts.steps, opts.workers = "resnet18", 32, 256, 30, 8
         opts.precision, opts.throughput_methods, opts.fp16_steps, opts.dali_images = "bf16", THROUGHPUT_METHODS, 100, 2048
-        opts.compile_steps, opts.smoke_compile = 60, True
+        opts.compile_steps, opts.smoke_compile, opts.backends = 60, True, ["device", "torchvision"]
+        opts.resume_steps = 10
     size = ["--backbone", opts.backbone, "--crop-size", str(opts.crop_size), "--batch-size", str(opts.batch_size),
             "--data-backend", "device", "--workers", str(opts.workers),
-            "--train-subset", str(max(8000 if opts.cuda else 64, 4 * opts.batch_size))]
+            "--train-subset", str(8000 if opts.cuda else 4 * opts.batch_size)]
     checks = [("Host syncs per step", lambda: check_syncs(opts, size)),
               ("Throughput", lambda: check_throughput(opts)),
               ("fp16 with a GradScaler", lambda: check_fp16(opts, size)),
