@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
@@ -191,6 +192,91 @@ def test_output_statistics_match_torchvision():
     for stat in (lambda v: v.mean((1, 2, 3)), lambda v: v.std((1, 2, 3)), lambda v: v[:, 0].mean((1, 2)) - v[:, 2].mean((1, 2))):
         a, b = stat(ours), stat(theirs)
         assert abs(a.mean() - b.mean()) < mean_tolerance(a, b)
+
+
+# ---- no host syncs, static shapes ---------------------------------------------------------------
+
+aten = torch.ops.aten
+# Ops that read a device value back to the host (bool(t) and t.item() arrive as _local_scalar_dense).
+READS_BACK = (aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero, aten.masked_select)
+
+
+class OpCounter(TorchDispatchMode):
+    """Records every aten op dispatched (name and argument shapes), and those that wait on the device:
+    READS_BACK, indexing with a boolean mask, and lift_fresh (torch.tensor(data) built from Python
+    values: a host -> device copy on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs, self.from_python = [], [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        self.ops.append((str(func), shapes))
+        if func.overloadpacket in (aten.index, aten.index_put, aten.index_put_):
+            bool_index = any(t is not None and t.dtype == torch.bool for t in args[1])
+        else:
+            bool_index = False
+        if func.overloadpacket in READS_BACK or bool_index:
+            self.syncs.append(str(func))
+        self.from_python += func.overloadpacket is aten.lift_fresh
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_op_counter_sees_syncs():
+    t = torch.rand(8, generator=gen())
+    with OpCounter() as counter:
+        t.sum().item()
+        bool(t.sum() > 0)
+        t.nonzero()
+        t[t > 0.5]
+        t[t > 0.5] = 0
+        t.masked_select(t > 0.2)
+    assert [name.split(".")[1] for name in counter.syncs] == [
+        "_local_scalar_dense", "_local_scalar_dense", "nonzero", "index", "index_put_", "masked_select"]
+    with OpCounter() as counter:
+        torch.tensor([1.0, 2.0])
+    assert counter.syncs == [] and counter.from_python == 1
+
+
+@pytest.mark.parametrize("invert_prob", [0.0, 0.3])
+@pytest.mark.parametrize("preset", augment.PRESETS)
+def test_a_batch_never_waits_on_the_device(preset, invert_prob):
+    """No op of a batch reads the device back, none builds a tensor from Python values once the
+    constants exist (the first batch may build them), and the ops and their shapes are the same
+    every batch: no data-dependent shapes (cudnn.benchmark tunes the blur once)."""
+    ds = data.ImageTensorDataset(noise_batch(48), torch.zeros(48), 1, 32)
+    views = dev.view_specs(preset, 32, num_large=2, num_small=2 if preset == "multicrop" else 0,
+                           invert_prob=invert_prob)
+    loader = dev.device_loader(ds, views, *IDENTITY, 16, seed=0)
+    loader.sampler.set_epoch(0)
+    counters = [OpCounter() for _ in range(3)]
+    batches = iter(loader)
+    for counter in counters:
+        with counter:
+            next(batches)
+    assert [c.syncs for c in counters] == [[], [], []]
+    assert counters[1].from_python == counters[2].from_python == 0
+    assert counters[1].ops == counters[2].ops
+
+
+def test_steps_that_do_not_fire_are_identities():
+    x = torch.rand(6, 3, 16, 16, generator=gen(2))
+    sigma, blur = torch.linspace(0.1, 2.0, 6), torch.tensor([True, False] * 3)
+    blurred = dev.gaussian_blur(x, sigma, 7, blur)
+    assert torch.equal(blurred[~blur], x[~blur])  # the delta kernel: exactly
+    assert torch.allclose(blurred[blur], dev.gaussian_blur(x[blur], sigma[blur], 7), atol=1e-6)
+    assert torch.allclose(dev.adjust_hue(x, torch.zeros(6)), x, atol=1e-6)
+    identity = dict(jitter=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).expand(6, 4),
+                    order=torch.stack([torch.randperm(4, generator=gen(i)) for i in range(6)]))
+    assert torch.allclose(dev.colour_jitter(x, identity), x, atol=1e-6)
+    # Skipping the steps a view never fires (asymmetric at 32px: no blur; first view: no solarize)
+    # changes nothing but float rounding.
+    spec = augment.preset_pipelines("asymmetric", 32)[0][0]
+    p = params(spec, 6, 16, 16)
+    skipped, full = (dev.apply_view(x, p, 16, *(torch.tensor(v).view(1, 3, 1, 1) for v in IDENTITY), spec=s)
+                     for s in (spec, None))
+    assert torch.allclose(skipped, full, atol=1e-6)
 
 
 # ---- the loader ---------------------------------------------------------------------------------
