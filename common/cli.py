@@ -188,8 +188,6 @@ def resolve(p, argv, method, recipes):
         raise UsageError(f"--resume {args.resume}: no such file (omit --resume to continue from <out-dir>/last.pt)")
     if args.channels_last is None:
         args.channels_last = args.backbone.startswith("resnet")
-    if args.warmup_epochs > args.epochs:
-        raise UsageError(f"--warmup-epochs {args.warmup_epochs} is more than --epochs {args.epochs}")
     return args
 
 
