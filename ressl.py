@@ -7,6 +7,9 @@ past keys; a sharp softmax (T_t = 0.04) of these similarities is the target. The
 sees a strongly augmented view of the same image and must reproduce that distribution over the queue with
 a softer softmax (T_s = 0.1). As in the paper and its official code, the relation is taken against the
 queue only: the current batch's keys join the queue after the loss, so a key is never compared with itself.
+As in solo-learn, both views go through the online backbone: its BatchNorm statistics and the online probe
+see the weak view too, while only the strong view's projection enters the loss. The official code sends the
+strong view alone through the online encoder: --online-views strong.
 
 Loss, with q = n(proj(strong view)), k = n(proj_m(weak view)), Q the queue of past keys (K x D):
     L = -1/N sum_i sum_j softmax(k_i Q^T / T_t)_j * log softmax(q_i Q^T / T_s)_j     (not symmetrized)
@@ -18,7 +21,6 @@ then Q <- gathered k (a ring of 65536). Teacher after every step: xi <- tau xi +
 """
 import copy
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -50,21 +52,28 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = cli.parser("ressl", __doc__, RECIPES)
-    p.add_argument("--student-temperature", type=float, help="T_s of the online (strong view) relation")
-    p.add_argument("--teacher-temperature", type=float, help="T_t of the momentum (weak view) relation")
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width (q, k)")
-    p.add_argument("--queue-size", type=int, help="keys in the queue (a multiple of the global batch)")
-    p.add_argument("--base-tau", type=float, help="teacher momentum at the first step")
-    p.add_argument("--final-tau", type=float, help="teacher momentum at the last step")
-    return cli.resolve(p, argv, "ressl", RECIPES)
+    p, add = cli.parser("ressl", __doc__, RECIPES)
+    add("--student-temperature", cli.positive_float, "T_s of the online (strong view) relation")
+    add("--teacher-temperature", cli.positive_float, "T_t of the momentum (weak view) relation")
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width (q, k)")
+    add("--queue-size", cli.positive_int, "keys in the queue (a multiple of the global batch)")
+    add("--base-tau", cli.momentum, "teacher momentum at the first step")
+    add("--final-tau", cli.momentum, "teacher momentum at the last step")
+    add("--online-views", help="views through the online backbone: both (solo-learn: its BN statistics and the "
+        "probe see the weak view too) or strong (official code) [default: both]", choices=("both", "strong"))
+    args = cli.resolve(p, argv, "ressl", RECIPES)
+    args.online_views = args.online_views or "both"  # solo-learn's, on every dataset
+    return args
 
 
 # ---- heads ----
 class ReSSL(nn.Module):
     """Student: backbone -> projector (Linear-ReLU-Linear, no BN), plus the online probe on sg(features).
-    `teacher()` builds the momentum copy of backbone + projector."""
+    forward([strong, weak]) (or [strong]) runs the backbone on each view, so its BN statistics and the probe
+    see them all, and projects the strong view alone: the only one the loss uses (the projector has no BN,
+    so projecting the weak view would change nothing). `teacher()` builds the momentum copy of backbone +
+    projector."""
 
     def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes):
         super().__init__()
@@ -73,9 +82,9 @@ class ReSSL(nn.Module):
                                        nn.Linear(hidden_dim, output_dim))
         self.probe = nn.Linear(feature_dim, max(num_classes, 1))
 
-    def forward(self, strong):
-        feats = self.backbone(strong)
-        return self.projector(feats), self.probe(feats.detach())
+    def forward(self, views):
+        feats = [self.backbone(v) for v in views]  # one call per view: BN statistics per view, as solo-learn
+        return self.projector(feats[0]), self.probe(torch.cat(feats).detach())
 
     def teacher(self):
         return nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.projector))
@@ -144,8 +153,7 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "ressl", args, epoch, step, state,
-                                                               extra={"queue": queue, "queue_ptr": ptr})
+    save = lambda epoch, step: run.save(last_pt, "ressl", epoch, step, state, extra={"queue": queue, "queue_ptr": ptr})
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
@@ -153,15 +161,15 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), teacher.train()  # the teacher's BN uses batch statistics, like the student's
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             tau = optim.cosine_tau(step, total_steps, args.base_tau, args.final_tau)
             strong, weak = (run.to_device(v) for v in views)  # the ressl preset: view 1 strong, view 2 weak
-            labels = labels.to(run.device)
+            labels = run.labels_to_device(labels)
             with run.autocast():
-                q, logits = train_model(strong)
+                q, logits = train_model([strong, weak] if args.online_views == "both" else [strong])
                 with torch.no_grad():
                     k = F.normalize(teacher(weak).float(), dim=1)
             # per-sample loss against the shared queue: DDP's gradient average is the global batch's gradient
@@ -171,29 +179,18 @@ def train(args):
             optim.momentum_update(online, teacher, tau)
             ptr = enqueue(queue, ptr, k)
             step += 1
-            losses.append(dist.all_reduce_mean(loss.detach()).item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr, "tau": tau})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr, tau=tau):  # averaged over ranks at log steps
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics, {"tau": tau})
+        epoch_summary(run, meter, step, lr, metrics, {"tau": tau})
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

@@ -1,7 +1,9 @@
-"""ReSSL: loss values by hand, relations against the queue only, gradient paths, the key queue (ring, last.pt,
-two processes) and the script end to end."""
+"""ReSSL: loss values by hand, relations against the queue only, gradient paths, both views through the online
+backbone (solo-learn: its BN statistics and the probe see the weak view), the key queue (ring, last.pt, two
+processes) and the script end to end."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -66,14 +68,65 @@ def test_only_the_student_receives_gradient():
     assert q.grad.abs().sum() > 0 and k.grad is None and queue.grad is None
 
 
-def test_student_sees_one_view_and_the_teacher_is_a_copy():
+def test_only_the_strong_view_is_projected_and_the_teacher_is_a_copy():
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6))
     model = ReSSL(backbone, 6, 16, 4, num_classes=3)
     teacher = model.teacher()
-    x = torch.randn(2, 3, 2, 2)
-    q, logits = model(x)
-    assert torch.equal(teacher(x), q) and logits.shape == (2, 3)
+    strong, weak = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2)
+    q, logits = model([strong, weak])
+    assert torch.equal(teacher(strong), q)  # q: the strong view's projection, whatever the weak view
+    assert torch.equal(model([strong, -weak])[0], q)
+    # the probe sees both views, strong rows first (solo-learn: every large crop)
+    assert logits.shape == (4, 3) and torch.allclose(logits[2:], model.probe(backbone(weak)))
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.projector)  # no BN in ReSSL's projector
+
+
+def test_weak_view_moves_the_online_backbones_batchnorm_statistics():
+    # BN momentum 0.1 from running mean 0: the strong view (all 1) gives 0.1, then the weak view (all 3)
+    # 0.9 * 0.1 + 0.1 * 3 = 0.39. The strong view alone (the official code) would leave 0.1.
+    backbone = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Flatten())
+    model = ReSSL(backbone, 12, 16, 4, num_classes=3).train()
+    model([torch.ones(4, 3, 2, 2), torch.full((4, 3, 2, 2), 3.0)])
+    assert torch.allclose(backbone[0].running_mean, torch.full((3,), 0.39))
+    strong_only = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Flatten())
+    ReSSL(strong_only, 12, 16, 4, num_classes=3).train()([torch.ones(4, 3, 2, 2)])
+    assert torch.allclose(strong_only[0].running_mean, torch.full((3,), 0.1))
+
+
+# Records, during training steps, the batch mean per channel entering the online backbone's first BN (the
+# teacher, a copy with the same hook, runs without gradients and is left out) and the probe's rows.
+RECORDING_RUN = """import sys, torch, ressl
+seen = {"bn1_means": [], "probe_rows": []}
+build_backbone, probe_loss = ressl.build_backbone, ressl.probe_loss
+def record_bn1(module, inputs):
+    if module.training and torch.is_grad_enabled():
+        seen["bn1_means"].append(inputs[0].detach().double().mean((0, 2, 3)))
+def recording_backbone(*a):
+    net, dim = build_backbone(*a)
+    net.bn1.register_forward_pre_hook(record_bn1)
+    return net, dim
+def recording_probe_loss(logits, labels):
+    seen["probe_rows"].append((len(logits), len(labels)))
+    return probe_loss(logits, labels)
+ressl.build_backbone, ressl.probe_loss = recording_backbone, recording_probe_loss
+ressl.main(sys.argv[2:])
+torch.save(seen, sys.argv[1])
+"""
+
+
+def test_run_sends_both_views_through_the_online_backbone(tmp_path):
+    """One training step: the online backbone's first BN running mean is, from 0 with momentum 0.1, the hand
+    value 0.9 * 0.1 * mean(strong) + 0.1 * mean(weak) of the batch means entering it (solo-learn; the strong
+    view alone, the official code, would give 0.1 * mean(strong)); the probe gets both views' 2B rows."""
+    out = tmp_path / "run"
+    run_script(sys.executable, "-c", RECORDING_RUN, tmp_path / "seen.pt", *tiny(out, "--max-steps", "1")[1:])
+    seen = torch.load(tmp_path / "seen.pt")
+    running_mean = torch.load(out / "last.pt", weights_only=True)["model"]["backbone.bn1.running_mean"].double()
+    strong, weak = seen["bn1_means"]
+    assert not torch.allclose(strong, weak, atol=1e-3)  # the two views differ: the test can tell them apart
+    assert torch.allclose(running_mean, 0.9 * 0.1 * strong + 0.1 * weak, atol=1e-6), (running_mean, strong, weak)
+    assert seen["probe_rows"] == [(32, 16)]
+    assert json.loads((out / "args.json").read_text())["online_views"] == "both"
 
 
 def test_enqueue_is_a_ring_of_whole_batches():
