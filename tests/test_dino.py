@@ -134,7 +134,7 @@ def fake_run():
     return SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *args: None)
 
 
-@pytest.mark.parametrize("name", ["lars", "adamw"])
+@pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
 def test_last_layer_frozen_in_epoch_0_then_trained_and_kept_at_norm_1(name):
     torch.manual_seed(0)
     head = DINOHead(6, 16, 8, 32)

@@ -8,8 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from types import SimpleNamespace
+
+from common import optim
 from common.backbones import build_backbone
 from common.cli import UsageError
+from common.run import optimizer_step
 from conftest import TINY, read_metrics, run_script, step_losses, torchrun
 from dist_swav import inputs
 from swav import MULTICROP_MIN_LR, SwAV, parse_args, sinkhorn_knopp, swav_loss
@@ -154,6 +158,27 @@ def test_two_processes_give_the_codes_and_loss_of_one(tmp_path):
     assert torch.allclose(torch.cat([r["codes"] for r in ranks]), codes, atol=1e-6)
     loss = swav_loss(views, queues, num_large_crops=2, temperature=0.1, epsilon=0.05, sinkhorn_iters=3)
     assert abs(sum(r["loss"].item() for r in ranks) / 2 - loss.item()) < 1e-5  # equal halves: mean of means
+
+
+@pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
+def test_frozen_prototypes_then_trained(name):
+    """The script's freezing (gradient None: no step, no momentum, no weight decay) with each optimizer, then
+    the first step that trains them: with momentum optimizers their momentum state starts there."""
+    torch.manual_seed(0)
+    model = SwAV(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6)), 6, 16, 8, 10, num_classes=3)
+    groups = optim.param_groups(torch.nn.ModuleList([model.backbone, model.projector, model.prototypes]), 1e-3,
+                                exclude_1d=name == "lars")
+    opt = optim.build_optimizer(name, groups, 0.1, 1e-3)
+    run = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *args: None)
+    freeze = lambda: setattr(model.prototypes.weight, "grad", None)
+    views = [torch.randn(8, 3, 2, 2) for _ in range(2)]
+    for hook in (freeze, freeze, None, None):  # epochs 0 and 1 frozen, then trained
+        before = model.prototypes.weight.detach().clone(), model.projector[0].weight.detach().clone()
+        model.normalize_prototypes()
+        _, scores, _ = model(views)
+        optimizer_step(run, swav_loss(scores), opt, 0, 0, 0.0, hook)
+        assert torch.equal(model.prototypes.weight, F.normalize(before[0], dim=1)) == (hook is not None)
+        assert not torch.equal(model.projector[0].weight, before[1])
 
 
 def initial_prototypes():
