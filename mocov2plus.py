@@ -19,7 +19,6 @@ Momentum encoder after every step: xi <- tau * xi + (1 - tau) * theta, tau risin
 """
 import copy
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -47,20 +46,21 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = cli.parser("mocov2plus", __doc__, RECIPES)
-    p.add_argument("--temperature", type=float, help="softmax temperature T of the contrastive loss")
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width (q, k)")
-    p.add_argument("--queue-size", type=int, help="keys per view in the queue (a multiple of the global batch)")
-    p.add_argument("--base-tau", type=float, help="momentum-encoder momentum at the first step")
-    p.add_argument("--final-tau", type=float, help="momentum-encoder momentum at the last step")
+    p, add = cli.parser("mocov2plus", __doc__, RECIPES)
+    add("--temperature", cli.positive_float, "softmax temperature T of the contrastive loss")
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width (q, k)")
+    add("--queue-size", cli.positive_int, "keys per view in the queue (a multiple of the global batch)")
+    add("--base-tau", cli.momentum, "momentum-encoder momentum at the first step")
+    add("--final-tau", cli.momentum, "momentum-encoder momentum at the last step")
     return cli.resolve(p, argv, "mocov2plus", RECIPES)
 
 
 # ---- heads ----
 class MoCoV2Plus(nn.Module):
-    """Query encoder: backbone -> projector (Linear-ReLU-Linear, no BN), plus the online probe on sg(features).
-    `momentum_encoder()` builds the key encoder: a copy of backbone + projector."""
+    """Query encoder: backbone -> projector (Linear-ReLU-Linear, no BN), plus the online probe on sg(features)
+    of both views (solo-learn: every large crop). `momentum_encoder()` builds the key encoder: a copy of
+    backbone + projector."""
 
     def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes):
         super().__init__()
@@ -71,7 +71,7 @@ class MoCoV2Plus(nn.Module):
 
     def forward(self, views):
         feats = [self.backbone(v) for v in views]
-        return [self.projector(f) for f in feats], self.probe(feats[0].detach())
+        return [self.projector(f) for f in feats], self.probe(torch.cat(feats).detach())
 
     def momentum_encoder(self):
         return nn.Sequential(copy.deepcopy(self.backbone), copy.deepcopy(self.projector))
@@ -143,8 +143,9 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "mocov2plus", args, epoch, step, state,
-                                                               extra={"queue": queue, "queue_ptr": ptr})
+    # ptr is read when save() is called: the lambda sees the loop's latest value
+    save = lambda epoch, step: run.save(last_pt, "mocov2plus", epoch, step, state,
+                                        extra={"queue": queue, "queue_ptr": ptr})
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
@@ -152,13 +153,13 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), momentum.train()  # the key encoder's BN uses batch statistics, like the query one
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             tau = optim.cosine_tau(step, total_steps, args.base_tau, args.final_tau)
             views = [run.to_device(v) for v in views]
-            labels = labels.to(run.device)
+            labels = run.labels_to_device(labels)
             with run.autocast():
                 (q1, q2), logits = train_model(views)
                 with torch.no_grad():
@@ -170,29 +171,18 @@ def train(args):
             optim.momentum_update(online, momentum, tau)
             ptr = enqueue(queue, ptr, torch.stack([k1, k2], dim=1))  # after the loss: no key is its own negative
             step += 1
-            losses.append(dist.all_reduce_mean(loss.detach()).item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr, "tau": tau})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr, tau=tau):  # averaged over ranks at log steps
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics, {"tau": tau})
+        epoch_summary(run, meter, step, lr, metrics, {"tau": tau})
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

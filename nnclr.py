@@ -19,7 +19,6 @@ The labels are never used for training: the share of neighbours with the query's
     torchrun --nproc_per_node=4 nnclr.py --dataset imagenet100 --data-dir /data/imagenet100
 """
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -47,12 +46,12 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = cli.parser("nnclr", __doc__, RECIPES)
-    p.add_argument("--temperature", type=float, help="softmax temperature T of the contrastive loss")
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width (z)")
-    p.add_argument("--pred-hidden-dim", type=int, help="predictor hidden width")
-    p.add_argument("--queue-size", type=int, help="embeddings in the support set (a multiple of the global batch)")
+    p, add = cli.parser("nnclr", __doc__, RECIPES)
+    add("--temperature", cli.positive_float, "softmax temperature T of the contrastive loss")
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width (z)")
+    add("--pred-hidden-dim", cli.positive_int, "predictor hidden width")
+    add("--queue-size", cli.positive_int, "embeddings in the support set (a multiple of the global batch)")
     return cli.resolve(p, argv, "nnclr", RECIPES)
 
 
@@ -71,8 +70,8 @@ def predictor(dim, hidden_dim):
 
 
 class NNCLR(nn.Module):
-    """Backbone -> projector -> predictor, plus the online probe on sg(features). Returns per view
-    z = n(projection) (for the support set) and the prediction p."""
+    """Backbone -> projector -> predictor, plus the online probe on sg(features) of both views (solo-learn:
+    every large crop). Returns per view z = n(projection) (for the support set) and the prediction p."""
 
     def __init__(self, backbone, feature_dim, proj_hidden, proj_out, pred_hidden, num_classes):
         super().__init__()
@@ -85,7 +84,7 @@ class NNCLR(nn.Module):
         feats = [self.backbone(v) for v in views]
         projections = [self.projector(f) for f in feats]
         z = [F.normalize(x.float(), dim=1) for x in projections]
-        return z, [self.predictor(x) for x in projections], self.probe(feats[0].detach())
+        return z, [self.predictor(x) for x in projections], self.probe(torch.cat(feats).detach())
 
 
 # ---- loss ----
@@ -107,6 +106,13 @@ def nnclr_loss(nn1, nn2, p1, p2, temperature=0.2):
         nn, p = F.normalize(nn.detach().float(), dim=1), F.normalize(p.float(), dim=1)
         loss = loss + F.cross_entropy(nn @ p.T / temperature, torch.arange(len(nn), device=nn.device)) / 2
     return loss
+
+
+def neighbour_accuracy(neighbour_labels, labels):
+    """Share of the labelled rows (label >= 0) whose neighbour carries the same label; 0 with none labelled.
+    A masked mean over a clamped count: no branch on the data, so no host sync."""
+    labelled = labels >= 0
+    return ((neighbour_labels == labels) & labelled).sum() / labelled.sum().clamp(min=1)
 
 
 def check_queue_size(queue_size, global_batch):
@@ -160,9 +166,8 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(
-        last_pt, "nnclr", args, epoch, step, state,
-        extra={"queue": queue, "queue_labels": queue_labels, "queue_ptr": ptr})
+    save = lambda epoch, step: run.save(last_pt, "nnclr", epoch, step, state,
+                                        extra={"queue": queue, "queue_labels": queue_labels, "queue_ptr": ptr})
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
@@ -170,49 +175,40 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
-        losses, nn_accs, images, start = [], [], 0, time.time()
         labelled = datasets.num_classes > 0  # nn_acc needs labels; on unlabelled data it is not logged
+        nn_acc_sum = torch.zeros((), device=run.device)  # the epoch's nn_acc, summed on the device
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             views = [run.to_device(v) for v in views]
-            labels = labels.to(run.device)
+            labels = run.labels_to_device(labels)
             with run.autocast():
                 (z1, z2), (p1, p2), logits = train_model(views)
             (nn1, index1), (nn2, _) = nearest_neighbour(z1, queue), nearest_neighbour(z2, queue)
             # every rank computes the same loss of the global batch, as simclr.py does
             loss = nnclr_loss(*(dist.gather(x) for x in (nn1, nn2, p1, p2)), temperature=args.temperature)
-            agree = (queue_labels[index1] == labels).float().mean()  # the neighbour's label is the view's own
-            nn_acc = dist.all_reduce_mean(agree).item() if labelled else None
+            nn_acc = neighbour_accuracy(queue_labels[index1], labels)  # a tensor: read at log steps only
+            nn_acc_sum += nn_acc
             optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             ptr = enqueue(queue, queue_labels, ptr, z1, labels)  # after the loss, as the paper's queue
             step += 1
-            losses.append(loss.item())
-            nn_accs.append(nn_acc)
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr,
-                         **({"nn_acc": nn_acc} if labelled else {})})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr, **({"nn_acc": nn_acc} if labelled else {})):
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
+        extra = {}
+        if labelled:  # the epoch's mean nn_acc, averaged over ranks: one sync at the epoch's end
+            (nn_acc_total,), _, _ = run.read_flags([nn_acc_sum])
+            extra["nn_acc"] = nn_acc_total / max(1, meter.steps)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics,
-                      {"nn_acc": sum(nn_accs) / max(1, len(nn_accs))} if labelled else {})
+        epoch_summary(run, meter, step, lr, metrics, extra)
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

@@ -62,7 +62,7 @@ def step_mocov2plus(x1, x2, wrap=lambda m: m):
 
 
 def step_nnclr(x1, x2, labels, wrap=lambda m: m):
-    from nnclr import enqueue, nearest_neighbour, nnclr_loss
+    from nnclr import enqueue, nearest_neighbour, neighbour_accuracy, nnclr_loss
     model, _ = models(ProjectPredict)
     queue, queue_labels = unit_rows((16, D), seed=4), torch.arange(16) % 3
     net = wrap(model)
@@ -71,7 +71,7 @@ def step_nnclr(x1, x2, labels, wrap=lambda m: m):
     (nn1, index1), (nn2, _) = nearest_neighbour(z1, queue), nearest_neighbour(z2, queue)
     loss = nnclr_loss(*(dist.gather(x) for x in (nn1, nn2, p1, p2)), temperature=0.5)
     loss.backward()
-    nn_acc = dist.all_reduce_mean((queue_labels[index1] == labels).float().mean())
+    nn_acc = dist.all_reduce_mean(neighbour_accuracy(queue_labels[index1], labels))  # the meter's rank average
     ptr = enqueue(queue, queue_labels, 8, z1, labels)
     return {"loss": loss.detach(), "grads": [p.grad for p in model.parameters()], "queue": queue,
             "queue_labels": queue_labels, "ptr": ptr, "nn_acc": nn_acc}
@@ -93,7 +93,7 @@ def step_ressl(x1, x2, wrap=lambda m: m):
     model, teacher = models()
     queue = unit_rows((16, D), seed=5)
     net = wrap(model)
-    q = net(x1)
+    q, _ = net(torch.cat([x1, x2])).chunk(2)  # both views through the online net, the strong one's q in the loss
     with torch.no_grad():
         k = F.normalize(teacher(x2), dim=1)
     loss = ressl_loss(q, k, queue, student_temperature=0.1, teacher_temperature=0.04)

@@ -79,6 +79,15 @@ def test_momentum_encoder_is_a_separate_copy():
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(momentum.parameters(), model.parameters()))
 
 
+def test_probe_sees_both_views():
+    """solo-learn trains the online probe on every large crop: both views' rows, one batch after another."""
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6))
+    model = MoCoV2Plus(backbone, 6, 16, 4, num_classes=3)
+    x1, x2 = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2)
+    (q1, q2), logits = model([x1, x2])
+    assert logits.shape == (4, 3) and torch.allclose(logits[2:], model.probe(backbone(x2)))
+
+
 def test_enqueue_is_a_ring_of_whole_batches():
     queue = torch.zeros(6, 2, 1)
     ptr = 0

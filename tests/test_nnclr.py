@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from common.cli import UsageError
 from conftest import TINY, read_metrics, run_script, step_losses, torchrun
 from dist_contrastive import LABELS, D, inputs, step_nnclr, unit_rows
-from nnclr import NNCLR, check_queue_size, enqueue, nearest_neighbour, nnclr_loss
+from nnclr import NNCLR, check_queue_size, enqueue, nearest_neighbour, neighbour_accuracy, nnclr_loss
 
 HEADS = ["--proj-hidden-dim", "32", "--proj-output-dim", "16", "--pred-hidden-dim", "32", "--queue-size", "64"]
 E1, E2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
@@ -69,10 +69,22 @@ def test_no_gradient_flows_into_the_neighbours():
 def test_heads_shapes():
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6))
     model = NNCLR(backbone, 6, 16, 4, 8, num_classes=3)
-    (z1, z2), (p1, p2), logits = model([torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)])
-    assert z1.shape == p1.shape == (5, 4) and logits.shape == (5, 3)
+    views = [torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)]
+    (z1, z2), (p1, p2), logits = model(views)
+    assert z1.shape == p1.shape == (5, 4)
+    # the probe sees both views, one batch after another (solo-learn: every large crop)
+    assert logits.shape == (10, 3) and torch.allclose(logits[5:], model.probe(backbone(views[1])))
     assert torch.allclose(z1.norm(dim=1), torch.ones(5))
     assert isinstance(model.projector[-1], torch.nn.BatchNorm1d)  # proj ends in BN, as in the paper
+
+
+def test_nn_acc_counts_labelled_rows_only():
+    # rows 0, 1, 3 are labelled; their neighbours match at rows 0 and 3: 2/3. Row 2 (-1, its neighbour a
+    # random row of the initial support set, -1 too) is left out: a plain mean of the matches would give 3/4.
+    labels, neighbour_labels = torch.tensor([0, 1, -1, 2]), torch.tensor([0, 2, -1, 2])
+    assert neighbour_accuracy(neighbour_labels, labels).item() == pytest.approx(2 / 3)
+    none_labelled = neighbour_accuracy(torch.tensor([-1, -1]), torch.tensor([-1, -1]))
+    assert none_labelled.item() == 0.0 and none_labelled.dim() == 0  # a tensor, no branch on the data
 
 
 def test_enqueue_keeps_labels_with_embeddings_in_a_ring():
