@@ -190,16 +190,33 @@ def _first_line(error, limit=200):
     return line if len(line) <= limit else line[:limit] + "..."
 
 
+def _resume_fix(path):
+    # <out-dir>/last.pt is what a rerun finds by itself; any other name came from --resume
+    return START_FRESH if os.path.basename(path) == "last.pt" else "--resume takes the last.pt of a run's --out-dir"
+
+
+def read_last(path, method, map_location="cpu", mmap=False):
+    """The last.pt at `path` if `method` wrote it in a format this code reads, else a one-line UsageError."""
+    ckpt = read(path, "last.pt", _resume_fix(path), map_location, mmap)
+    if ckpt["method"] != method:
+        raise UsageError(f"{path} was written by {ckpt['method']}, not {method}: {_resume_fix(path)}")
+    return ckpt
+
+
+def check_resumable(args, method):
+    """Before a run writes anything (args.json included): the checkpoint it would resume from, if any, is a
+    last.pt of `method` it can read; else the UsageError load would give later. Memory-mapped: the tensors are
+    not read."""
+    if path := resume_path(args):
+        read_last(path, method, mmap=True)
+
+
 def load(path, method, objects, map_location="cpu"):
     """Restore objects in place from a last.pt of `method`; returns (epoch, step, extra).
 
     A GradScaler's state is loaded only when the saved one is non-empty: a disabled scaler (fp32 or bf16)
     saves {}, so a run may resume under another --precision (bf16 <-> fp16) with a fresh scale."""
-    # <out-dir>/last.pt is what a rerun finds by itself; any other name came from --resume
-    fix = START_FRESH if os.path.basename(path) == "last.pt" else "--resume takes the last.pt of a run's --out-dir"
-    ckpt = read(path, "last.pt", fix, map_location)
-    if ckpt["method"] != method:
-        raise UsageError(f"{path} was written by {ckpt['method']}, not {method}: {fix}")
+    ckpt, fix = read_last(path, method, map_location), _resume_fix(path)
     for name, obj in objects.items():
         if name not in ckpt:
             raise UsageError(f"{path} holds no {name!r} state (written by another version of {method}.py?): {fix}")

@@ -208,6 +208,72 @@ def test_folder_errors(tmp_path):
     broken = data.load_dataset("folder", str(tmp_path / "broken"), "train")
     with pytest.raises(UsageError, match="bad.png"):
         broken[0]
+    (tmp_path / "file").write_text("not a folder")
+    for name in ("folder", "imagenet", "cifar10"):
+        with pytest.raises(UsageError, match="is a file, not a folder"):
+            data.load_dataset(name, str(tmp_path / "file"), "train")
+
+
+def awkward_folder(root):
+    """Valid but awkward class folders: every image mode, odd sizes, upper-case extensions, nesting, links,
+    and files to skip: not images, hidden, a broken link, one beside the class folders."""
+    cat, dog = root / "cat", root / "dog"
+    (dog / "puppies" / "small").mkdir(parents=True)
+    cat.mkdir()
+    Image.new("RGB", (20, 10), (200, 100, 50)).save(cat / "a.JPG")
+    Image.new("L", (7, 13), 77).save(cat / "b.png")
+    Image.new("RGBA", (9, 9), (10, 20, 30, 0)).save(cat / "c.PNG")  # fully transparent: RGB values kept
+    palette = Image.new("P", (5, 6), 0)
+    palette.putpalette([40, 50, 60] + [0, 0, 0] * 255)
+    palette.save(cat / "d.png", transparency=0)
+    sixteen = np.array([[0, 32896, 65535]], dtype=np.uint16)  # 32896 = 128 * 257
+    Image.fromarray(sixteen).save(cat / "e.png")
+    Image.new("RGB", (33, 17), (1, 2, 3)).save(dog / "puppies" / "small" / "f.jpeg")  # belongs to dog
+    (dog / "g.png").symlink_to(cat / "b.png")
+    (dog / "loop").symlink_to(dog)  # a link cycle: walked once
+    (dog / "broken.png").symlink_to(root / "nowhere.png")
+    (cat / "notes.txt").write_text("not an image")
+    (cat / ".DS_Store").write_bytes(b"\0\0")
+    (cat / "._a.jpg").write_bytes(b"macOS resource fork")  # image extension, but hidden
+    (root / "README.md").write_text("beside the class folders")
+    (root / ".ipynb_checkpoints").mkdir()  # hidden folder: not a class
+    Image.new("RGB", (4, 4)).save(root / ".ipynb_checkpoints" / "x.png")
+
+
+def test_awkward_but_valid_folder(tmp_path, capsys):
+    awkward_folder(tmp_path)
+    train = data.load_dataset("folder", str(tmp_path), "train")
+    again = data.load_dataset("folder", str(tmp_path), "train")
+    assert train.num_classes == 2 and train.paths == again.paths
+    names = [os.path.relpath(p, tmp_path) for p in train.paths]
+    assert names == ["cat/a.JPG", "cat/b.png", "cat/c.PNG", "cat/d.png", "cat/e.png",
+                     "dog/g.png", "dog/puppies/small/f.jpeg"]
+    assert train.targets == [0, 0, 0, 0, 0, 1, 1]
+    lines = [l for l in capsys.readouterr().out.splitlines() if "skipped" in l]
+    # README.md, notes.txt, .DS_Store, ._a.jpg, broken.png; printed once however often the folder is loaded
+    assert len(lines) == 1 and "skipped 5 files" in lines[0], lines
+    images = [train[i][0] for i in range(len(train))]
+    assert all(im.mode == "RGB" for im in images)
+    assert [im.size for im in images] == [(20, 10), (7, 13), (9, 9), (5, 6), (3, 1), (7, 13), (33, 17)]
+    assert images[1].getpixel((0, 0)) == (77, 77, 77) and images[2].getpixel((0, 0)) == (10, 20, 30)
+    assert images[3].getpixel((0, 0)) == (40, 50, 60)
+    assert [images[4].getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]  # 16 bits scaled, not clipped
+    # Mixed sizes batch through both transforms.
+    views = pretrain_transform("symmetric", 16, *IDENTITY)
+    assert all(v.shape == (3, 16, 16) for image in images for v in views(image))
+    batch, labels = next(iter(data.eval_loader(train, val_transform(16, *IDENTITY), 8, 0)))
+    assert batch.shape == (7, 3, 16, 16) and labels.tolist() == train.targets
+
+
+def test_flat_folder_skips_hidden_and_stray_files(tmp_path, capsys):
+    for i in range(3):
+        write_png(tmp_path / f"{i}.PNG", i)
+    (tmp_path / ".hidden.png").write_bytes(b"x")
+    (tmp_path / "labels.csv").write_text("a,b")
+    (tmp_path / ".cache").mkdir()  # a hidden folder does not make the folder labelled
+    train = data.load_dataset("folder", str(tmp_path), "train")
+    assert len(train) == 3 and train.num_classes == 0 and train.targets == [-1] * 3
+    assert "skipped 2 files" in capsys.readouterr().out
 
 
 # ---- torchvision datasets, offline ----------------------------------------------------------------

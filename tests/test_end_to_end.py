@@ -81,7 +81,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     proc = run_script("tests/nan_run.py", "simclr", "1", *tiny("simclr", out, "--max-steps", "8")[1:], check=False)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: loss is nan at epoch 1, step 5"), proc.stderr
+    assert lines[-1].startswith("error: loss is not finite at epoch 1, step 5"), proc.stderr
     assert (out / "last.pt").read_bytes() == good
 
 
@@ -95,6 +95,9 @@ def bad_inputs(tmp_path):
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "last.pt").write_bytes(b"garbage")
+    net, dim = build_backbone("resnet_narrow", 16)
+    checkpoint.export_backbone(tmp_path / "backbone.pt", net, backbone_metadata("resnet_narrow", 16, dim, "simclr"))
+    (tmp_path / "a_file").write_text("not a folder")
     return {
         "unknown backbone": ["--backbone", "resnet9000"],
         "unknown dataset": ["--dataset", "mnist"],
@@ -104,6 +107,8 @@ def bad_inputs(tmp_path):
                              "--crop-size", "32"],
         "missing resume file": ["--resume", str(tmp_path / "nothing.pt")],
         "corrupt last.pt": ["--out-dir", str(garbage)],
+        "resume from a backbone.pt": ["--resume", str(tmp_path / "backbone.pt")],
+        "data dir is a file": ["--dataset", "folder", "--data-dir", str(tmp_path / "a_file")],
         "batch larger than dataset": ["--train-subset", "10", "--batch-size", "16"],
         "fp16 on cpu": ["--precision", "fp16"],
         "cuda without gpu": ["--device", "cuda"],
@@ -123,6 +128,7 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path):
         # the progress bar may have started before a broken image is met: it is not an error line
         lines = [l for l in proc.stderr.splitlines() if l.strip() and not re.match(r"epoch \d+:", l)]
         assert proc.returncode == 2 and len(lines) == 1, (name, proc.returncode, proc.stderr)
+    assert (tmp_path / "garbage" / "last.pt").read_bytes() == b"garbage"  # refused, never replaced
 
 
 def test_checkpoint_of_another_method_is_refused_and_kept(tmp_path):
