@@ -13,9 +13,10 @@ class LARS(torch.optim.SGD):
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
-        # fused: one kernel for the whole momentum step (torch's default on CPU is a per-tensor loop). A fused
-        # optimizer would take its gradients still scaled from a GradScaler: optimizer_step unscales them first.
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0, fused=True)
+        # foreach: the multi-tensor momentum step (torch's default on CPU is a per-tensor loop). Not fused: torch's
+        # fused SGD skips creating the momentum buffer of a parameter whose first gradient comes after the first
+        # step (SwAV's prototypes, DINO's last layer are frozen at first) and then fails.
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0, foreach=True)
         for group in self.param_groups:
             group.setdefault("lars_weight_decay", weight_decay if not group.get("lars_exclude") else 0.0)
             group.setdefault("eta", eta)
@@ -62,10 +63,11 @@ def build_optimizer(name, groups, lr, weight_decay, momentum=0.9, eta=0.02):
         for g in groups:  # LARS applies weight decay itself, inside the trust ratio
             g["lars_weight_decay"] = g.pop("weight_decay", weight_decay)
         return LARS(groups, lr=lr, momentum=momentum, eta=eta)
-    # fused: a few kernels per step in all, with Adam's step counters on the device (the multi-tensor path reads
-    # them back with .item()), and a GradScaler's inf check folded in instead of read back.
+    # Adam(W) fused: a few kernels per step in all, with the step counters on the device (the multi-tensor path
+    # reads them back with .item()), and a GradScaler's inf check folded in instead of read back. SGD foreach, as
+    # LARS above: fused SGD fails on a parameter whose first gradient comes late.
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     if name == "adam":  # W-MSE's optimizer: L2 penalty added to the gradient, not decoupled

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import augment, backbones, checkpoint, data, device_augment, dist, evaluation, optim
+from common import augment, backbones, checkpoint, data, device_augment, dist, evaluation
 from common.cli import NonFiniteLoss, Preempted, RunError, UsageError
 
 
@@ -304,8 +304,7 @@ def optimizer_step(run, loss, optimizer, epoch, step, grad_clip=0.0, before_step
     run.watch_finite(loss, epoch, step)
     optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    # LARS' trust ratios need the true gradients: unscale before its (fused) step would see them scaled.
-    if grad_clip or before_step or (run.scaler.is_enabled() and isinstance(optimizer, optim.LARS)):
+    if grad_clip or before_step:
         run.scaler.unscale_(optimizer)
         if before_step:
             before_step()
