@@ -12,9 +12,7 @@ Loss, for the set of all views A, P(i) = other views of view i's image, s = cosi
     python simclr.py --dataset cifar10                         # solo-learn CIFAR recipe
     torchrun --nproc_per_node=4 simclr.py --dataset imagenet100 --data-dir /data/imagenet100
 """
-import math
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -42,29 +40,31 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = cli.parser("simclr", __doc__, RECIPES)
-    p.add_argument("--temperature", type=float, help="NT-Xent temperature T")
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width (z)")
+    p, add = cli.parser("simclr", __doc__, RECIPES)
+    add("--temperature", cli.positive_float, "NT-Xent temperature T")
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width (z)")
     return cli.resolve(p, argv, "simclr", RECIPES)
 
 
 # ---- heads ----
 class SimCLR(nn.Module):
-    """Backbone -> projector (Linear-ReLU-Linear, no BN) and the online linear probe on sg(features)."""
+    """Backbone -> projector (Linear-ReLU-Linear, no BN) and the online linear probe on sg(features) of every
+    large crop."""
 
-    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes):
+    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes, num_large_crops=2):
         super().__init__()
         self.backbone = backbone
         self.projector = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True),
                                        nn.Linear(hidden_dim, output_dim))
         self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+        self.num_large_crops = num_large_crops
 
     def forward(self, views):
         """views: list of image batches (one per crop; each through BN separately, as in the paper)."""
         feats = [self.backbone(v) for v in views]
         z = torch.cat([self.projector(f) for f in feats])
-        return z, self.probe(feats[0].detach())
+        return z, self.probe(torch.cat(feats[:self.num_large_crops]).detach())
 
 
 # ---- loss ----
@@ -85,7 +85,8 @@ def train(args):
     run = Run(args)
     datasets = build_data(args, run)
     backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
-    model = SimCLR(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, datasets.num_classes)
+    model = SimCLR(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, datasets.num_classes,
+                   args.num_large_crops)
     train_model = prepare_model(model, run)
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
@@ -100,7 +101,7 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "simclr", args, epoch, step, state)
+    save = lambda epoch, step: run.save(last_pt, "simclr", epoch, step, state)
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
@@ -108,41 +109,30 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             views = [run.to_device(v) for v in views]
-            labels, indexes = labels.to(run.device), indexes.to(run.device)
+            labels, indexes = run.labels_to_device(labels, indexes)
             with run.autocast():
                 z, logits = train_model(views)
             # all views of all ranks: each rank computes the same global loss on the gathered batch
             loss = simclr_loss(dist.gather(z), dist.gather(indexes.repeat(len(views))), temperature=args.temperature)
             optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             step += 1
-            losses.append(loss.item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr):
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch_summary(run, meter, step, lr, metrics)
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

@@ -13,7 +13,6 @@ Loss, with p = predictor(z), z = projector(backbone(x)), sg = stop-gradient (no 
     torchrun --nproc_per_node=4 simsiam.py --dataset imagenet100 --data-dir /data/imagenet100
 """
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -44,10 +43,10 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = cli.parser("simsiam", __doc__, RECIPES)
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width (z)")
-    p.add_argument("--pred-hidden-dim", type=int, help="predictor bottleneck width")
+    p, add = cli.parser("simsiam", __doc__, RECIPES)
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width (z)")
+    add("--pred-hidden-dim", cli.positive_int, "predictor bottleneck width")
     args = cli.resolve(p, argv, "simsiam", RECIPES)
     if args.num_large_crops != 2 or args.num_small_crops:
         raise cli.UsageError("simsiam trains on two views: use --num-large-crops 2 --num-small-crops 0")
@@ -71,19 +70,21 @@ def predictor(dim, hidden_dim):
 
 
 class SimSiam(nn.Module):
-    """Backbone -> projector (z) -> predictor (p), plus the online linear probe on sg(features)."""
+    """Backbone -> projector (z) -> predictor (p), plus the online linear probe on sg(features) of every large
+    crop."""
 
-    def __init__(self, backbone, feature_dim, proj_hidden, proj_out, pred_hidden, num_classes):
+    def __init__(self, backbone, feature_dim, proj_hidden, proj_out, pred_hidden, num_classes, num_large_crops=2):
         super().__init__()
         self.backbone = backbone
         self.projector = projector(feature_dim, proj_hidden, proj_out)
         self.predictor = predictor(proj_out, pred_hidden)
         self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+        self.num_large_crops = num_large_crops
 
     def forward(self, views):
         feats = [self.backbone(v) for v in views]
         z = [self.projector(f) for f in feats]
-        return [self.predictor(x) for x in z], z, self.probe(feats[0].detach())
+        return [self.predictor(x) for x in z], z, self.probe(torch.cat(feats[:self.num_large_crops]).detach())
 
 
 def param_groups(model, lr, probe_lr, weight_decay, exclude_1d):
@@ -111,7 +112,7 @@ def train(args):
     datasets = build_data(args, run)
     backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
     model = SimSiam(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, args.pred_hidden_dim,
-                    datasets.num_classes)
+                    datasets.num_classes, args.num_large_crops)
     train_model = prepare_model(model, run)
     groups = param_groups(model, run.scale_lr(args.lr), run.scale_lr(args.probe_lr), args.weight_decay,
                           exclude_1d=args.optimizer == "lars")
@@ -125,7 +126,7 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "simsiam", args, epoch, step, state)
+    save = lambda epoch, step: run.save(last_pt, "simsiam", epoch, step, state)
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
@@ -133,40 +134,29 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             views = [run.to_device(v) for v in views]
-            labels = labels.to(run.device)
+            labels = run.labels_to_device(labels)
             with run.autocast():
                 (p1, p2), (z1, z2), logits = train_model(views)
             loss = simsiam_loss(p1, p2, z1, z2)
             optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             step += 1
-            losses.append(loss.item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr):
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch_summary(run, meter, step, lr, metrics)
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

@@ -7,19 +7,20 @@ supervised pretraining with a contrastive loss, an upper reference for the self-
 
 Loss, for the set A of all views, A(i) = A \\ {i}, P(i) = views in A(i) with view i's label, s = cosine similarity,
 p_ia = exp(s(z_i, z_a)/T) / sum_{a' in A(i)} exp(s(z_i, z_a')/T), T = 0.2:
-    L_out = -1/|A| sum_i 1/|P(i)| sum_{p in P(i)} log p_ip        (default: the paper's recommended form)
-    L_in  = -1/|A| sum_i log( 1/|P(i)| sum_{p in P(i)} p_ip )     (--supcon-form in)
-By Jensen L_in <= L_out. The paper finds L_out trains better: the 1/|P(i)| outside the log weights every
-positive alike in the gradient, while inside it the easiest positives dominate. solo-learn computes L_in
-(its SupCon calls its SimCLR loss with labels as ids: -log(sum_p exp / sum_{a != i} exp), i.e. L_in without the
-1/|P(i)|, a constant log|P(i)| lower, same gradient). With one label per image both equal SimCLR's NT-Xent.
+    L_in  = -1/|A| sum_i log( sum_{p in P(i)} p_ip )                (default: solo-learn's form)
+    L_out = -1/|A| sum_i 1/|P(i)| sum_{p in P(i)} log p_ip        (--supcon-form out: the paper's recommended form)
+L_in is exactly what solo-learn computes: its SupCon calls its SimCLR loss with the labels as ids
+(solo/losses/simclr.py), -mean_i log(sum_{p in P(i)} exp / sum_{a != i} exp), over the views gathered from
+every rank, the view itself left out of both sums. The paper writes L_in with 1/|P(i)| inside the log: a
+constant log|P(i)| above this one, the same gradient. By Jensen L_in <= L_out. The paper finds L_out trains
+better: the 1/|P(i)| outside the log weights every positive alike in the gradient, while inside it the easiest
+positives dominate. With one positive per view (unique labels, two views) both equal SimCLR's NT-Xent.
 
     python supcon.py --dataset synthetic                       # offline CPU demo, minutes
     python supcon.py --dataset cifar10                         # solo-learn CIFAR recipe
     torchrun --nproc_per_node=4 supcon.py --dataset imagenet100 --data-dir /data/imagenet100
 """
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -47,47 +48,55 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = cli.parser("supcon", __doc__, RECIPES)
-    p.add_argument("--temperature", type=float, help="softmax temperature T")
-    p.add_argument("--supcon-form", choices=("out", "in"),
-                   help="out: mean of log-probabilities over the positives (paper); in: log of their mean (solo-learn)")
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width (z)")
-    return cli.resolve(p, argv, "supcon", RECIPES)
+    p, add = cli.parser("supcon", __doc__, RECIPES)
+    add("--temperature", cli.positive_float, "softmax temperature T")
+    add("--supcon-form", None, "in: log of the summed probabilities of the positives (solo-learn); out: mean of "
+        "their log-probabilities (the paper's recommended form)", choices=SUPCON_FORMS)
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width (z)")
+    args = cli.resolve(p, argv, "supcon", RECIPES)
+    args.supcon_form = args.supcon_form or "in"
+    return args
 
 
 # ---- heads ----
 class SupCon(nn.Module):
-    """Backbone -> projector (Linear-ReLU-Linear, no BN) and the online linear probe on sg(features)."""
+    """Backbone -> projector (Linear-ReLU-Linear, no BN) and the online linear probe on sg(features) of every
+    large crop."""
 
-    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes):
+    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes, num_large_crops=2):
         super().__init__()
         self.backbone = backbone
         self.projector = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True),
                                        nn.Linear(hidden_dim, output_dim))
         self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+        self.num_large_crops = num_large_crops
 
     def forward(self, views):
         feats = [self.backbone(v) for v in views]
         z = torch.cat([self.projector(f) for f in feats])
-        return z, self.probe(feats[0].detach())
+        return z, self.probe(torch.cat(feats[:self.num_large_crops]).detach())
 
 
 # ---- loss ----
-def supcon_loss(z, labels, temperature=0.2, form="out"):
+SUPCON_FORMS = ("in", "out")
+
+
+def supcon_loss(z, labels, temperature=0.2, form="in"):
     """Supervised contrastive loss. z: (N, D) projections of all views (all ranks); labels: (N,) class of each
     row's image; every row needs a positive (another view). p_ia = softmax_{a != i}(cos(z_i, z_a) / T)_a;
-    form "out": L = -mean_i mean_{p in P(i)} log p_ip;  form "in": L = -mean_i log mean_{p in P(i)} p_ip."""
-    if form not in ("out", "in"):
-        raise ValueError(f"form must be 'out' or 'in', got {form!r}")
+    form "in" (default, solo-learn): L = -mean_i log sum_{p in P(i)} p_ip;
+    form "out" (the paper's recommended form): L = -mean_i mean_{p in P(i)} log p_ip."""
+    if form not in SUPCON_FORMS:
+        raise ValueError(f"form must be 'in' or 'out', got {form!r}")
     z = F.normalize(z.float(), dim=1)
     self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     log_prob = (z @ z.T / temperature).masked_fill(self_mask, float("-inf")).log_softmax(dim=1)
     if form == "out":
         per_row = log_prob.masked_fill(~positives, 0).sum(1) / positives.sum(1)
-    else:  # log of the mean probability, computed in log space for stability
-        per_row = log_prob.masked_fill(~positives, float("-inf")).logsumexp(1) - positives.sum(1).log()
+    else:  # log of the summed probability, computed in log space for stability
+        per_row = log_prob.masked_fill(~positives, float("-inf")).logsumexp(1)
     return -per_row.mean()
 
 
@@ -100,7 +109,8 @@ def train(args):
         raise cli.UsageError(f"supcon needs labels and --dataset {args.dataset} has none here: "
                              "put the images in one sub-folder per class")
     backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
-    model = SupCon(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, datasets.num_classes)
+    model = SupCon(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, datasets.num_classes,
+                   args.num_large_crops)
     train_model = prepare_model(model, run)
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
@@ -115,7 +125,7 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "supcon", args, epoch, step, state)
+    save = lambda epoch, step: run.save(last_pt, "supcon", epoch, step, state)
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
@@ -123,12 +133,12 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             views = [run.to_device(v) for v in views]
-            labels = labels.to(run.device)
+            labels = run.labels_to_device(labels)
             with run.autocast():
                 z, logits = train_model(views)
             # all views of all ranks with their labels: each rank computes the same global loss
@@ -136,29 +146,18 @@ def train(args):
                                temperature=args.temperature, form=args.supcon_form)
             optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             step += 1
-            losses.append(loss.item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr):
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch_summary(run, meter, step, lr, metrics)
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

@@ -10,16 +10,16 @@ Loss, with z1, z2 the (N, D) projections, Var/Cov over the batch (unbiased), eps
     inv(z1, z2) = mean_{n,d} (z1_nd - z2_nd)^2                        (this process's batch)
     v(z)        = mean_d ReLU(1 - sqrt(Var(z_d) + eps))              (all-gathered batch)
     c(z)        = sum_{i != j} Cov(z)_ij^2 / D                        (all-gathered batch)
-    L = 25 * inv + 25 * (v(z1) + v(z2)) / 2 + 1 * (c(z1) + c(z2))
-as in the official code (facebookresearch/vicreg): the variance term is the mean of the two views,
-the covariance term their sum. solo-learn sums the variance terms too (twice this term).
+    L = 25 * inv + 25 * (v(z1) + v(z2)) + 1 * (c(z1) + c(z2))
+as solo-learn computes it (solo/losses/vicreg.py): the variance and the covariance terms are both summed
+over the two views. The official code (facebookresearch/vicreg) averages the variance terms,
+25 * (v(z1) + v(z2)) / 2, half solo-learn's weight on variance: `--variance-form mean`.
 
     python vicreg.py --dataset synthetic                         # offline CPU demo, minutes
     python vicreg.py --dataset cifar10                           # solo-learn CIFAR recipe
     torchrun --nproc_per_node=4 vicreg.py --dataset imagenet100 --data-dir /data/imagenet100
 """
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -47,13 +47,16 @@ RECIPES = {
 
 
 def parse_args(argv=None):
-    p = cli.parser("vicreg", __doc__, RECIPES)
-    p.add_argument("--proj-hidden-dim", type=int, help="projector hidden width")
-    p.add_argument("--proj-output-dim", type=int, help="projector output width D")
-    p.add_argument("--sim-coeff", type=float, help="weight lambda of the invariance (MSE) term")
-    p.add_argument("--std-coeff", type=float, help="weight mu of the variance term")
-    p.add_argument("--cov-coeff", type=float, help="weight nu of the covariance term")
+    p, add = cli.parser("vicreg", __doc__, RECIPES)
+    add("--proj-hidden-dim", cli.positive_int, "projector hidden width")
+    add("--proj-output-dim", cli.positive_int, "projector output width D")
+    add("--sim-coeff", cli.nonneg_float, "weight lambda of the invariance (MSE) term")
+    add("--std-coeff", cli.nonneg_float, "weight mu of the variance term")
+    add("--cov-coeff", cli.nonneg_float, "weight nu of the covariance term")
+    add("--variance-form", None, "sum: the two views' variance terms summed (solo-learn); mean: averaged "
+        "(official code) [default: sum]", choices=VARIANCE_FORMS)
     args = cli.resolve(p, argv, "vicreg", RECIPES)
+    args.variance_form = args.variance_form or "sum"
     if args.num_large_crops != 2 or args.num_small_crops:
         raise cli.UsageError("vicreg trains on two views: use --num-large-crops 2 --num-small-crops 0")
     return args
@@ -68,35 +71,44 @@ def projector(in_dim, hidden_dim, out_dim):
 
 
 class VICReg(nn.Module):
-    """Backbone -> projector, plus the online linear probe on sg(features)."""
+    """Backbone -> projector, plus the online linear probe on sg(features) of every large crop."""
 
-    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes):
+    def __init__(self, backbone, feature_dim, hidden_dim, output_dim, num_classes, num_large_crops=2):
         super().__init__()
         self.backbone = backbone
         self.projector = projector(feature_dim, hidden_dim, output_dim)
         self.probe = nn.Linear(feature_dim, max(num_classes, 1))
+        self.num_large_crops = num_large_crops
 
     def forward(self, views):
         feats = [self.backbone(v) for v in views]
-        return [self.projector(f) for f in feats], self.probe(feats[0].detach())
+        return [self.projector(f) for f in feats], self.probe(torch.cat(feats[:self.num_large_crops]).detach())
 
 
 # ---- loss ----
-def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4):
-    """L = sim_coeff * mean (z1 - z2)^2 + std_coeff * (v(z1) + v(z2)) / 2 + cov_coeff * (c(z1) + c(z2)),
-    v(z) = mean_d ReLU(1 - sqrt(Var(z_d) + eps)), c(z) = sum_{i != j} Cov(z)_ij^2 / D (unbiased Var, Cov).
+VARIANCE_FORMS = ("sum", "mean")
+
+
+def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, variance_form="sum"):
+    """L = sim_coeff * mean (z1 - z2)^2 + std_coeff * V + cov_coeff * (c(z1) + c(z2)),
+    v(z) = mean_d ReLU(1 - sqrt(Var(z_d) + eps)), c(z) = sum_{i != j} Cov(z)_ij^2 / D (unbiased Var, Cov), and
+    variance_form "sum" (default, solo-learn): V = v(z1) + v(z2); "mean" (official code): V = (v(z1) + v(z2)) / 2.
 
     z1, z2: (B, D) projections of this process's images. The invariance term uses them as they are;
     v and c use the batch all-gathered from every rank (gradients flow back through the gather), as
-    in the official code. The variance term averages the views (official); solo-learn sums them."""
+    in the official code and solo-learn."""
+    if variance_form not in VARIANCE_FORMS:
+        raise ValueError(f"variance_form must be 'sum' or 'mean', got {variance_form!r}")
     z1, z2 = z1.float(), z2.float()
     invariance = F.mse_loss(z1, z2)
     variance, covariance = 0.0, 0.0
     for z in (dist.gather(z1), dist.gather(z2)):
         z = z - z.mean(0)
-        variance = variance + F.relu(1 - torch.sqrt(z.var(0) + eps)).mean() / 2
+        variance = variance + F.relu(1 - torch.sqrt(z.var(0) + eps)).mean()
         cov = z.T @ z / (len(z) - 1)
         covariance = covariance + (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / z.shape[1]
+    if variance_form == "mean":
+        variance = variance / 2
     return sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
 
 
@@ -106,7 +118,8 @@ def train(args):
     run = Run(args)
     datasets = build_data(args, run)
     backbone, feature_dim = build_backbone(args.backbone, args.crop_size)
-    model = VICReg(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, datasets.num_classes)
+    model = VICReg(backbone, feature_dim, args.proj_hidden_dim, args.proj_output_dim, datasets.num_classes,
+                   args.num_large_crops)
     train_model = prepare_model(model, run)
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
@@ -121,7 +134,7 @@ def train(args):
     steps_per_epoch = datasets.steps_per_epoch
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     last_pt = os.path.join(args.out_dir, "last.pt")
-    save = lambda epoch, step: run.is_main and checkpoint.save(last_pt, "vicreg", args, epoch, step, state)
+    save = lambda epoch, step: run.save(last_pt, "vicreg", epoch, step, state)
 
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
@@ -129,40 +142,30 @@ def train(args):
         datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
-        losses, images, start = [], 0, time.time()
         bar = run.progress(datasets.loader, epoch)
+        meter = run.meter(epoch, bar)  # the loss stays on the device: read only every --log-every steps
         for views, labels, indexes in bar:
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             views = [run.to_device(v) for v in views]
-            labels = labels.to(run.device)
+            labels = run.labels_to_device(labels)
             with run.autocast():
                 (z1, z2), logits = train_model(views)
-            loss = vicreg_loss(z1, z2, sim_coeff=args.sim_coeff, std_coeff=args.std_coeff, cov_coeff=args.cov_coeff)
+            loss = vicreg_loss(z1, z2, sim_coeff=args.sim_coeff, std_coeff=args.std_coeff, cov_coeff=args.cov_coeff,
+                               variance_form=args.variance_form)
             optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             step += 1
-            losses.append(loss.item())
-            images += len(labels) * run.world_size
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}", img_s=f"{images / (time.time() - start):.0f}")
-            if step % args.log_every == 0:
-                run.log({"type": "step", "epoch": epoch, "step": step, "loss": losses[-1], "lr": lr})
-            if run.should_stop():
-                stop = run.stop_signal or "signal"
-            if args.max_steps and step >= args.max_steps:
-                stop = "max_steps"
-            if stop:
+            if stop := meter.update(step, loss, len(labels), lr):
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch
         final = stop == "max_steps" or (finished_epoch and epoch + 1 == args.epochs)
-        if stop and stop != "max_steps":  # preempted: save and leave, evaluation can wait
+        if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
-            run.print(f"{stop} received: saved {last_pt} at epoch {epoch}, step {step}; rerun the command to resume")
-            break
+            run.preempted(stop, last_pt, epoch, step)
         metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
-        epoch_summary(run, epoch, step, losses, lr, images, time.time() - start, metrics)
+        epoch_summary(run, meter, step, lr, metrics)
         epoch += finished_epoch
         save(epoch, step)
-    if stop in (None, "max_steps"):
-        finish(run, model.backbone, feature_dim)
+    finish(run, model.backbone, feature_dim)
     run.close()
 
 

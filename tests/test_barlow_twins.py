@@ -67,6 +67,15 @@ def test_recipe_and_heads():
     assert [m.out_features for m in model.projector if isinstance(m, torch.nn.Linear)] == [2048, 2048, 2048]
     with pytest.raises(cli.UsageError):
         parse_args(["--num-large-crops", "3"])
+    for bad in (["--lamb", "-0.1"], ["--scale-loss", "0"], ["--proj-hidden-dim", "0"]):
+        with pytest.raises(cli.UsageError):
+            parse_args(bad)
+
+
+def test_probe_sees_every_large_crop():
+    model = BarlowTwins(torch.nn.Flatten(), 12, 8, 4, num_classes=3)
+    (z1, z2), logits = model([torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)])
+    assert z1.shape == z2.shape == (5, 4) and logits.shape == (10, 3)
 
 
 def test_two_processes_match_one_process(tmp_path):

@@ -1,11 +1,13 @@
 """SimCLR and BYOL losses: values derived by hand, the properties the papers state, gradient paths."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from byol import BYOL, byol_loss
-from simclr import simclr_loss
+from common import cli
+from simclr import SimCLR, parse_args, simclr_loss
 
 
 def textbook_nt_xent(z1, z2, temperature):
@@ -74,6 +76,16 @@ def test_simclr_gradient_reaches_every_view():
     z = torch.randn(8, 4, requires_grad=True)
     simclr_loss(z, torch.arange(4).repeat(2)).backward()
     assert (z.grad.abs().sum(1) > 0).all()
+
+
+def test_simclr_probe_sees_every_large_crop_and_flags_are_range_checked():
+    model = SimCLR(torch.nn.Flatten(), 12, 8, 4, num_classes=3, num_large_crops=2)
+    z, logits = model([torch.randn(5, 3, 2, 2) for _ in range(3)])  # two large crops and one small
+    assert z.shape == (15, 4) and logits.shape == (10, 3)
+    assert parse_args(["--temperature", "0.5"]).temperature == 0.5
+    for bad in (["--temperature", "0"], ["--temperature", "nan"], ["--proj-output-dim", "0"]):
+        with pytest.raises(cli.UsageError):
+            parse_args(bad)
 
 
 def test_byol_loss_values():

@@ -59,6 +59,15 @@ def test_recipe_and_heads():
     assert type(model.predictor[1]).__name__ == "BatchNorm1d"
     with pytest.raises(cli.UsageError):
         parse_args(["--num-large-crops", "4"])
+    for bad in (["--pred-hidden-dim", "0"], ["--proj-output-dim", "1.5"]):
+        with pytest.raises(cli.UsageError):
+            parse_args(bad)
+
+
+def test_probe_sees_every_large_crop():
+    model = SimSiam(torch.nn.Flatten(), 12, 16, 8, 4, num_classes=3)
+    _, _, logits = model([torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)])
+    assert logits.shape == (10, 3)
 
 
 def test_predictor_lr_stays_at_base_lr_while_the_rest_follows_the_schedule():

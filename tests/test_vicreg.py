@@ -1,5 +1,7 @@
-"""VICReg: loss values derived by hand (including the official code's view averaging), the recipe,
-two processes = one process on the global batch, resume and DDP end to end."""
+"""VICReg: loss values derived by hand (the two views' variance terms summed as solo-learn does, averaged as the
+official code does behind --variance-form mean), the recipe and flags, two processes = one process on the global
+batch, resume and DDP end to end."""
+import json
 import math
 
 import pytest
@@ -34,20 +36,37 @@ def test_hand_values():
     assert vicreg_loss(W, Z).item() == pytest.approx(25 + 16 / 9, rel=1e-6)
 
 
-def test_variance_term_averages_the_two_views_as_the_official_code():
-    # constant views: std = sqrt(0 + 1e-4) = 0.01 in every feature, so each view's term is 1 - 0.01 = 0.99;
-    # averaged over the views (official): 25 * 0.99 = 24.75 (solo-learn's sum would give 49.5)
+def test_variance_terms_are_summed_over_the_views_by_default_as_solo_learn():
+    # 2 images x 2 features, both views [[0.1, 0], [-0.1, 0]]: feature 0 has unbiased variance 0.02 / 1, term
+    # 1 - sqrt(0.0201); feature 1 is constant, std sqrt(1e-4) = 0.01, term 0.99; so v = (1.99 - sqrt(0.0201)) / 2
+    # for each view. No invariance (equal views), no covariance (feature 1 is constant). solo-learn sums the
+    # views: 25 * 2v; the official code averages them: 25 * v (what this script computed before).
+    z = torch.tensor([[0.1, 0.0], [-0.1, 0.0]])
+    v = (1.99 - math.sqrt(0.0201)) / 2
+    assert vicreg_loss(z, z).item() == pytest.approx(50 * v, rel=1e-5)
+    assert vicreg_loss(z, z, variance_form="sum").item() == pytest.approx(50 * v, rel=1e-5)
+    assert vicreg_loss(z, z, variance_form="mean").item() == pytest.approx(25 * v, rel=1e-5)
+    # constant views: std 0.01 in every feature, each view's term 0.99: sum 25 * 2 * 0.99, mean 25 * 0.99
     c = torch.full((4, 3), 2.0)
-    assert vicreg_loss(c, c).item() == pytest.approx(24.75, rel=1e-6)
+    assert vicreg_loss(c, c).item() == pytest.approx(49.5, rel=1e-6)
+    assert vicreg_loss(c, c, variance_form="mean").item() == pytest.approx(24.75, rel=1e-6)
     # only view 1 shrunk: 0.3 * Z has unbiased variance 0.09 * 4/3 = 0.12, term 1 - sqrt(0.1201); view 2
-    # (3 * Z) has std > 1 and term 0; the average is half the first; no covariance; invariance weight 0
+    # (3 * Z) has std > 1 and term 0: the sum is the first term, the mean half of it; no covariance
     loss = vicreg_loss(0.3 * Z, 3 * Z, sim_coeff=0.0, std_coeff=1.0)
+    assert loss.item() == pytest.approx(1 - math.sqrt(0.1201), rel=1e-6)
+    loss = vicreg_loss(0.3 * Z, 3 * Z, sim_coeff=0.0, std_coeff=1.0, variance_form="mean")
     assert loss.item() == pytest.approx((1 - math.sqrt(0.1201)) / 2, rel=1e-6)
+    with pytest.raises(ValueError):
+        vicreg_loss(z, z, variance_form="max")
 
 
 def test_coefficients_weight_their_terms():
     loss = vicreg_loss(W, Z, sim_coeff=2.0, std_coeff=7.0, cov_coeff=3.0)
     assert loss.item() == pytest.approx(2 * 1 + 3 * 16 / 9, rel=1e-6)
+    # the constant views' variance terms (0.99 each) under std_coeff 7: summed 7 * 1.98, averaged 7 * 0.99
+    c = torch.full((4, 3), 2.0)
+    assert vicreg_loss(c, c, std_coeff=7.0).item() == pytest.approx(7 * 1.98, rel=1e-6)
+    assert vicreg_loss(c, c, std_coeff=7.0, variance_form="mean").item() == pytest.approx(7 * 0.99, rel=1e-6)
 
 
 def test_gradient_reaches_both_views():
@@ -66,6 +85,32 @@ def test_recipe_and_heads():
     assert [m.out_features for m in model.projector if isinstance(m, torch.nn.Linear)] == [2048, 2048, 2048]
     with pytest.raises(cli.UsageError):
         parse_args(["--num-small-crops", "2"])
+
+
+def test_variance_form_flag_and_ranges():
+    assert parse_args([]).variance_form == parse_args(["--dataset", "cifar10"]).variance_form == "sum"
+    assert parse_args(["--variance-form", "mean"]).variance_form == "mean"
+    for bad in (["--variance-form", "max"], ["--std-coeff", "-1"], ["--proj-output-dim", "0"]):
+        with pytest.raises(cli.UsageError):
+            parse_args(bad)
+
+
+def test_probe_sees_every_large_crop():
+    model = VICReg(torch.nn.Flatten(), 12, 8, 4, num_classes=3)
+    (z1, z2), logits = model([torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)])
+    assert z1.shape == z2.shape == (5, 4) and logits.shape == (10, 3)
+
+
+def test_variance_form_reaches_the_loss_of_the_script(tmp_path):
+    """Step 1 computes the loss before any update, on the same weights and views: averaging the variance
+    terms can only lower it (the variance terms are >= 0, and > 0 for a fresh projector's small outputs)."""
+    losses = {}
+    for form in ("sum", "mean"):
+        out = tmp_path / form
+        run_script(*tiny(out, "--max-steps", "1", "--variance-form", form))
+        losses[form] = step_losses(out)[1]
+        assert json.loads((out / "args.json").read_text())["variance_form"] == form
+    assert losses["mean"] < losses["sum"] - 1e-3, losses
 
 
 def test_two_processes_match_one_process(tmp_path):
