@@ -12,7 +12,8 @@ Loss, with z = n(proj(x)), NN(z) = argmax_{s in Q} z.s (cosine: Q holds unit row
 over the global batch of N images:
     L(a, b) = -1/N sum_i log( exp(n(a_i).n(b_i) / T) / sum_k exp(n(a_i).n(b_k) / T) ),  T = 0.2
     L = (L(NN(z1), p2) + L(NN(z2), p1)) / 2,   then Q <- gathered z1 (a ring of 65536, with their labels)
-The labels are never used for training: the share of neighbours with the query's label is logged as nn_acc.
+The labels are never used for training: the share of labelled queries whose neighbour has their label
+is logged as nn_acc.
 
     python nnclr.py --dataset synthetic                        # offline CPU demo, minutes
     python nnclr.py --dataset cifar10                          # solo-learn CIFAR recipe
