@@ -115,8 +115,23 @@ SOLO = {
     "nnsiam": facts(dict(  # cifar/nnsiam.yaml (its momentum section is unused: NNSiam has no momentum network)
         optimizer="sgd", lr=0.5, weight_decay=1e-5, preset="asymmetric", proj_hidden_dim=2048, proj_output_dim=2048,
         pred_hidden_dim=4096, queue_size=65536), imagenet=None),
-    # To add: vibcreg (cifar/ and imagenet-100/vibcreg.yaml), all4one (cifar/all4one.yaml, imagenet-100/all4one.yml),
-    # mae (cifar/ and imagenet-100/mae.yaml, augmentations/reconstruction.yaml).
+    "vibcreg": facts(dict(  # vibcreg.yaml (augmentations inline in cifar/, vicreg.yaml in imagenet-100/)
+        optimizer="lars", lr=0.3, weight_decay=1e-4, preset="vicreg", proj_hidden_dim=2048, proj_output_dim=2048,
+        sim_coeff=25.0, std_coeff=25.0, cov_coeff=200.0,  # sim_loss_weight, var_loss_weight, cov_loss_weight
+        iternorm=True,  # method_kwargs.iternorm (the method's own default is False)
+        # solo/methods/vibcreg.py's projector: nn.GELU, IterNorm(proj_output_dim, num_groups=64, T=5, dim=2)
+        activation="gelu", iternorm_groups=64, iternorm_iters=5)),
+    "all4one": facts(dict(  # cifar/all4one.yaml, imagenet-100/all4one.yml (augmentations: asymmetric.yaml)
+        optimizer="lars", lr=1.0, weight_decay=1e-5, preset="asymmetric", temperature=0.2, proj_hidden_dim=2048,
+        proj_output_dim=256, pred_hidden_dim=4096,
+        base_tau=0.99, final_tau=1.0,  # cifar: momentum.base_tau / final_tau; imagenet-100: base.py's defaults
+        # solo/methods/all4one.py: the transformer's param group {"lr": 0.1}; the centroid contrast calls
+        # nnclr_loss_func without a temperature (its default 0.1); find_nn's topk(5) and
+        # PositionalEncodingPermute1D(5); training_step's 0.5 * att_nnclr_loss + 0.5 * nnclr_loss + 0.5 * feature_loss
+        transformer_lr=0.1, centroid_temperature=0.1, num_neighbours=5, centroid_weight=0.5, neighbour_weight=0.5,
+        redundancy_weight=0.5),
+        cifar=dict(queue_size=98304), imagenet=dict(queue_size=98340)),  # method_kwargs.queue_size
+    # To add: mae (cifar/ and imagenet-100/mae.yaml, augmentations/reconstruction.yaml).
 }
 
 # solo-learn's augmentation files as Pipelines (bicubic RandomResizedCrop, flip 0.5 everywhere).
