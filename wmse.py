@@ -49,7 +49,8 @@ RECIPES = {
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, warmup_start_lr=0.0, probe_lr=2e-3, preset="wmse",
                       crop_size=16, min_scale=0.3, proj_hidden_dim=512, proj_output_dim=32, whitening_size=64,
-                      whitening_iters=1, whitening_eps=0.0, data_backend="device", workers=2),
+                      whitening_iters=1, whitening_eps=0.0, data_backend="device", workers=2,
+                      symmetric_loss=True),  # the form its kNN was measured with (docs/synthetic.md)
 }
 
 

@@ -58,6 +58,17 @@ def int_at_least(low):
     return _number(int, lambda v: v >= low, f"an integer >= {low}")
 
 
+def number_at_least(low):
+    return _number(float, lambda v: v >= low, f"a number >= {low}")
+
+
+def existing_file(text):
+    """A path that must be an existing file (--ckpt of the eval tools)."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file" if not os.path.exists(text) else f"{text} is not a file")
+    return text
+
+
 def every_n(text):
     """--knn-every / --umap-every: N > 0 every N epochs, 0 at the end only, -1 never."""
     return int_at_least(-1)(text)
@@ -185,7 +196,9 @@ def resolve(p, argv, method, recipes):
     args.out_dir = args.out_dir or os.path.join("runs", f"{method}-{args.dataset}")
     check_out_dir(args.out_dir)
     if args.resume is not None and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume {args.resume}: no such file (omit --resume to continue from <out-dir>/last.pt)")
+        what = "is a folder, not a file" if os.path.isdir(args.resume) else "no such file"
+        raise UsageError(f"--resume {args.resume}: {what} (pass a last.pt; omit --resume to continue from "
+                         "<out-dir>/last.pt)")
     if args.channels_last is None:
         args.channels_last = args.backbone.startswith("resnet")
     return args

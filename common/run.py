@@ -24,6 +24,8 @@ class Run:
     """Devices, precision, logging and signal handling of one training process."""
 
     def __init__(self, args):
+        # A checkpoint this run cannot resume from stops it here, before args.json or anything else is written.
+        checkpoint.check_resumable(args, args.method)
         self.args = args
         self.rank, self.world_size, self.device = dist.setup(args.device)
         self.is_main = self.rank == 0

@@ -32,8 +32,9 @@ def build_parser():
                    help="dataset to evaluate on [default: the one stored in --ckpt]")
     p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
     p.add_argument("--k", type=cli.positive_int, default=200, help="neighbours per query [default: %(default)s]")
-    p.add_argument("--temperature", type=cli.positive_float, default=0.1,
-                   help="vote weight is exp(cosine / temperature) [default: %(default)s]")
+    # exp(1 / T) must fit a float32 (T >= 0.0114): 0.02 leaves a margin for every cosine in [-1, 1].
+    p.add_argument("--temperature", type=cli.number_at_least(0.02), default=0.1,
+                   help="vote weight is exp(cosine / temperature), at least 0.02 [default: %(default)s]")
     p.add_argument("--batch-size", type=cli.positive_int, default=256,
                    help="images per forward pass [default: %(default)s]")
     p.add_argument("--workers", type=cli.nonneg_int, default=min(8, os.cpu_count() or 1),
