@@ -40,17 +40,17 @@ RECIPES = {
     # solo-learn scripts/pretrain/cifar/vibcreg.yaml
     "cifar": dict(backbone="resnet18", epochs=1000, batch_size=256, optimizer="lars", lr=0.3, weight_decay=1e-4,
                   warmup_epochs=10, probe_lr=0.1, preset="vicreg", crop_size=32, proj_hidden_dim=2048,
-                  proj_output_dim=2048, **_VIBCREG),
+                  proj_output_dim=2048, lars_clip=False, **_VIBCREG),  # the one CIFAR yaml without clip_lr
     # solo-learn scripts/pretrain/imagenet-100/vibcreg.yaml (128 per GPU on 2 GPUs: a global batch of 256)
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=0.3, weight_decay=1e-4,
                      warmup_epochs=10, probe_lr=0.1, preset="vicreg", crop_size=224, proj_hidden_dim=2048,
-                     proj_output_dim=2048, **_VIBCREG),
+                     proj_output_dim=2048, lars_clip=True, **_VIBCREG),
     # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
     # 30% of the image, AdamW; VICReg's synthetic projector widths.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="vicreg", crop_size=16,
                       min_scale=0.3, proj_hidden_dim=512, proj_output_dim=512, **_VIBCREG, data_backend="device",
-                      workers=2),
+                      workers=2, lars_clip=True),
 }
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -68,6 +68,8 @@ def parse_args(argv=None):
     add("--sim-coeff", cli.nonneg_float, "weight of the invariance (MSE) term")
     add("--std-coeff", cli.nonneg_float, "weight of the variance term")
     add("--cov-coeff", cli.nonneg_float, "weight of the normalised covariance term")
+    add("--lars-clip", None, "LARS trust ratio clipped to min(ratio / lr, 1) (solo-learn's clip_lr)",
+        action=argparse.BooleanOptionalAction)
     args = cli.resolve(p, argv, "vibcreg", RECIPES)
     if args.num_large_crops != 2 or args.num_small_crops:
         raise cli.UsageError("vibcreg trains on two views: use --num-large-crops 2 --num-small-crops 0")
@@ -181,7 +183,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      lars_clip=args.lars_clip)
 
     state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}  # IterNorm's running stats: in model
     epoch, step = 0, 0

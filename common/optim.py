@@ -7,12 +7,13 @@ import torch
 class LARS(torch.optim.SGD):
     """SGD with momentum whose step is rescaled per tensor by the trust ratio (You et al., 2017).
 
-    ratio = min(eta * ||p|| / (||g|| + wd * ||p|| + 1e-8) / lr, 1)   (solo-learn's clipped form)
+    ratio = min(eta * ||p|| / (||g|| + wd * ||p|| + 1e-8) / lr, 1)   (solo-learn's clip_lr form, the default)
+    ratio = eta * ||p|| / (||g|| + wd * ||p|| + 1e-8)                  (clip=False: solo-learn without clip_lr)
     g <- (g + wd * p) * ratio, then the usual SGD momentum step. Groups with `lars_exclude`
     (biases and norm parameters) take the plain SGD step with neither adaptation nor weight decay.
     """
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
         # foreach: the multi-tensor momentum step (torch's default on CPU is a per-tensor loop). Not fused: torch's
         # fused SGD skips creating the momentum buffer of a parameter whose first gradient comes after the first
         # step (SwAV's prototypes, DINO's last layer are frozen at first) and then fails.
@@ -20,6 +21,7 @@ class LARS(torch.optim.SGD):
         for group in self.param_groups:
             group.setdefault("lars_weight_decay", weight_decay if not group.get("lars_exclude") else 0.0)
             group.setdefault("eta", eta)
+            group.setdefault("lars_clip", clip)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -32,9 +34,12 @@ class LARS(torch.optim.SGD):
             # All tensors of the group at once: a handful of kernels instead of several per tensor.
             p_norm = torch.stack(torch._foreach_norm(params))
             g_norm = torch.stack(torch._foreach_norm(grads))
-            ratio = (eta / max(lr, 1e-12)) * p_norm / (g_norm + wd * p_norm + 1e-8)
+            if group["lars_clip"]:
+                ratio = ((eta / max(lr, 1e-12)) * p_norm / (g_norm + wd * p_norm + 1e-8)).clamp(max=1.0)
+            else:
+                ratio = eta * p_norm / (g_norm + wd * p_norm + 1e-8)
             # A zero weight or gradient tensor keeps ratio 1 (there is nothing to adapt to).
-            ratio = torch.where((p_norm > 0) & (g_norm > 0), ratio.clamp(max=1.0), 1.0)
+            ratio = torch.where((p_norm > 0) & (g_norm > 0), ratio, 1.0)
             if wd:
                 torch._foreach_add_(grads, params, alpha=wd)
             torch._foreach_mul_(grads, ratio.to(grads[0].dtype).unbind())
@@ -54,7 +59,7 @@ def param_groups(module, weight_decay, exclude_1d=True, **group_options):
     return groups
 
 
-def build_optimizer(name, groups, lr, weight_decay, momentum=0.9, eta=0.02):
+def build_optimizer(name, groups, lr, weight_decay, momentum=0.9, eta=0.02, lars_clip=True):
     """groups carry their own "lr"; `lr`/`weight_decay` are the defaults for groups that do not."""
     for g in groups:
         g.setdefault("lr", lr)
@@ -62,7 +67,7 @@ def build_optimizer(name, groups, lr, weight_decay, momentum=0.9, eta=0.02):
     if name == "lars":
         for g in groups:  # LARS applies weight decay itself, inside the trust ratio
             g["lars_weight_decay"] = g.pop("weight_decay", weight_decay)
-        return LARS(groups, lr=lr, momentum=momentum, eta=eta)
+        return LARS(groups, lr=lr, momentum=momentum, eta=eta, clip=lars_clip)
     # Adam(W) fused: a few kernels per step in all, with the step counters on the device (the multi-tensor path
     # reads them back with .item()), and a GradScaler's inf check folded in instead of read back. SGD foreach, as
     # LARS above: fused SGD fails on a parameter whose first gradient comes late.

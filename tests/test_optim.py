@@ -32,6 +32,24 @@ def test_lars_ratio_is_clipped_at_one():
     assert torch.allclose(p.detach(), torch.tensor([[100.0, -1e-4]]))
 
 
+def test_lars_without_clipping_by_hand():
+    # solo-learn's LARS without clip_lr (VIbCReg's CIFAR yaml): ratio = eta ||p|| / (||g|| + wd ||p||), not divided
+    # by lr and not capped. p = (3, 4), g = (0, 1), wd 0.1, eta 0.02, lr 0.5: ratio = 0.1 / 1.5 = 0.0666...
+    # (the clipped form would give 0.1333...); g' = (0.3, 1.4) * ratio; p - lr g'
+    p = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    opt = optim.build_optimizer("lars", [{"params": [p], "weight_decay": 0.1}], 0.5, 0.1, lars_clip=False)
+    p.grad = torch.tensor([[0.0, 1.0]])
+    opt.step()
+    ratio = 0.02 * 5 / (1 + 0.5 + 1e-8)
+    assert torch.allclose(p.detach(), torch.tensor([[3 - 0.5 * 0.3 * ratio, 4 - 0.5 * 1.4 * ratio]]), atol=1e-6)
+    # Large ratios are not capped either: the clipped test's case moves 20000x further.
+    q = torch.nn.Parameter(torch.tensor([[100.0, 0.0]]))
+    opt = optim.build_optimizer("lars", [{"params": [q]}], lr=0.1, weight_decay=0.0, lars_clip=False)
+    q.grad = torch.tensor([[0.0, 1e-3]])
+    opt.step()
+    assert torch.allclose(q.detach(), torch.tensor([[100.0, -0.1 * 1e-3 * 0.02 * 100 / (1e-3 + 1e-8)]]))
+
+
 def test_param_groups_exclude_biases_and_norms():
     m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     decay, no_decay = optim.param_groups(m, 1e-4, lr=0.3)
