@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METHODS = ["barlow_twins", "byol", "deepclusterv2", "dino", "mocov2plus", "nnclr", "ressl", "simclr", "supcon",
-           "simsiam", "swav", "vicreg", "wmse"]
-MOMENTUM = {"byol", "dino", "mocov2plus", "ressl"}  # methods whose floor includes a momentum forward
+           "simsiam", "swav", "vicreg", "wmse", "all4one", "mocov3", "vibcreg", "nnbyol", "nnsiam", "mae"]
+# methods whose floor includes a momentum forward
+MOMENTUM = {"byol", "dino", "mocov2plus", "ressl", "all4one", "mocov3", "nnbyol"}
 
 
 class TimedBatches:
@@ -126,7 +127,7 @@ def floor_seconds(method, args, opts):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=METHODS, help="methods to measure [default: all 13]")
+    p.add_argument("--methods", nargs="+", default=METHODS, help="methods to measure [default: all]")
     p.add_argument("--backbone", default="resnet_narrow", help="[default: %(default)s]")
     p.add_argument("--batch-size", type=int, default=64, help="[default: %(default)s]")
     p.add_argument("--workers", type=int, default=2, help="loader workers in the loader mode [default: %(default)s]")
