@@ -38,6 +38,7 @@ PRESET_HELP = {
     "vicreg": "crops 0.2-1, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, blur 0 (0.5 at >= 96px), solarize 0.1",
     "wmse": "crops 0.2-1, strong jitter (0.8, 0.8, 0.8, 0.2) p 0.8, gray 0.2, blur 0 (0.2 at >= 96px)",
     "multicrop": "SwAV: 2 large crops 0.2-1 + small crops 0.08-0.5 (0.05-0.14 at >= 96px) with --num-small-crops",
+    "reconstruction": "MAE: one pipeline, crops 0.08-1 and flip only (no colour jitter, gray, blur or solarize)",
 }
 PRESETS = tuple(PRESET_HELP)
 
@@ -102,6 +103,8 @@ def _preset(preset, size):
         large = [Pipeline(scale=(0.2, 1.0), blur_p=0.5 if imagenet else 0.0, solarize_p=0.1)]
     elif preset == "wmse":
         large = [Pipeline(scale=(0.2, 1.0), jitter=strong_jitter, blur_p=0.2 if imagenet else 0.0)]
+    elif preset == "reconstruction":  # MAE: augmentations/reconstruction.yaml, crop and flip only
+        large = [Pipeline(jitter=(0, 0, 0, 0), jitter_p=0.0, gray_p=0.0)]
     elif preset == "multicrop":
         swav = Pipeline(scale=(0.2, 1.0), jitter=(0.6, 0.6, 0.6, 0.2))
         large = [swav, dataclasses.replace(swav, solarize_p=0.2)]

@@ -115,6 +115,14 @@ SOLO = {
     "nnsiam": facts(dict(  # cifar/nnsiam.yaml (its momentum section is unused: NNSiam has no momentum network)
         optimizer="sgd", lr=0.5, weight_decay=1e-5, preset="asymmetric", proj_hidden_dim=2048, proj_output_dim=2048,
         pred_hidden_dim=4096, queue_size=65536), imagenet=None),
+    "mae": facts(dict(  # mae.yaml (augmentations: reconstruction.yaml, num_crops 1)
+        optimizer="adamw", lr=2e-4, probe_lr=2e-4, weight_decay=0.05, betas=(0.9, 0.95),  # optimizer.kwargs.betas
+        exclude_bias_norm_wd=False,  # optimizer.exclude_bias_n_norm_wd, base.py's default
+        preset="reconstruction", num_large_crops=1, mask_ratio=0.75, decoder_embed_dim=512, decoder_depth=8,
+        decoder_num_heads=16, norm_pix_loss=True,
+        probe_unmasked=False),  # solo/methods/mae.py forward: the classifier reads the masked pass's features
+        cifar=dict(backbone="vit_small"),  # backbone.kwargs patch_size 4, img_size 32: common.backbones' rule
+        imagenet=dict(backbone="vit_base", warmup_start_lr=0.0)),
     "vibcreg": facts(dict(  # vibcreg.yaml (augmentations inline in cifar/, vicreg.yaml in imagenet-100/)
         optimizer="lars", lr=0.3, weight_decay=1e-4, preset="vicreg", proj_hidden_dim=2048, proj_output_dim=2048,
         sim_coeff=25.0, std_coeff=25.0, cov_coeff=200.0,  # sim_loss_weight, var_loss_weight, cov_loss_weight
@@ -131,7 +139,6 @@ SOLO = {
         transformer_lr=0.1, centroid_temperature=0.1, num_neighbours=5, centroid_weight=0.5, neighbour_weight=0.5,
         redundancy_weight=0.5),
         cifar=dict(queue_size=98304), imagenet=dict(queue_size=98340)),  # method_kwargs.queue_size
-    # To add: mae (cifar/ and imagenet-100/mae.yaml, augmentations/reconstruction.yaml).
 }
 
 # solo-learn's augmentation files as Pipelines (bicubic RandomResizedCrop, flip 0.5 everywhere).
@@ -154,6 +161,8 @@ PRESET_FILES = {  # (preset, crop size): (large pipelines in view order, small p
     ("wmse", 32): ([Pipeline(scale=(0.2, 1.0), jitter=STRONG)], None),  # cifar/wmse.yaml augmentations
     # imagenet-100/augmentations/wmse.yaml's 6 small crops never reach W-MSE's loss (docs/fidelity.md): not compared
     ("wmse", 224): ([Pipeline(scale=(0.2, 1.0), jitter=STRONG, blur_p=0.2)], None),
+    ("reconstruction", 32): ([NO_COLOUR], None),  # cifar/augmentations/reconstruction.yaml: crop and flip
+    ("reconstruction", 224): ([NO_COLOUR], None),  # imagenet-100/augmentations/reconstruction.yaml
     ("multicrop", 32): ([Pipeline(scale=(0.2, 1.0), jitter=(0.6, 0.6, 0.6, 0.2)),  # cifar-multicrop/augmentations/
                          Pipeline(scale=(0.2, 1.0), jitter=(0.6, 0.6, 0.6, 0.2), solarize_p=0.2)],  # swav.yaml
                         Pipeline(scale=(0.08, 0.5), jitter=STRONG, blur_p=0.1, solarize_p=0.1)),  # 6 x 18px
