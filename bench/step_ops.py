@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 METHODS = ["barlow_twins", "byol", "deepclusterv2", "dino", "mocov2plus", "nnclr", "ressl", "simclr", "supcon",
            "simsiam", "swav", "vicreg", "wmse", "mocov3", "nnbyol", "nnsiam", "vibcreg", "all4one", "mae"]
 # What a method needs at the bench's small batches (op counts do not depend on the batch size).
-METHOD_FLAGS = {"wmse": ["--whitening-size", "8"]}
+METHOD_FLAGS = {"wmse": ["--whitening-size", "8", "--proj-output-dim", "4"], "mae": ["--backbone", "vit_tiny"]}
 PHASES = ("data", "fwd+bwd", "optimizer", "momentum", "rest")
 SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.nonzero_static", "aten.masked_select",
             "aten.masked_scatter", "aten.unique", "aten._unique2", "aten.unique_consecutive"}

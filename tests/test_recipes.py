@@ -128,7 +128,8 @@ SOLO = {
         sim_coeff=25.0, std_coeff=25.0, cov_coeff=200.0,  # sim_loss_weight, var_loss_weight, cov_loss_weight
         iternorm=True,  # method_kwargs.iternorm (the method's own default is False)
         # solo/methods/vibcreg.py's projector: nn.GELU, IterNorm(proj_output_dim, num_groups=64, T=5, dim=2)
-        activation="gelu", iternorm_groups=64, iternorm_iters=5)),
+        activation="gelu", iternorm_groups=64, iternorm_iters=5),
+        cifar=dict(lars_clip=False), imagenet=dict(lars_clip=True)),  # optimizer.kwargs.clip_lr (absent in cifar/)
     "all4one": facts(dict(  # cifar/all4one.yaml, imagenet-100/all4one.yml (augmentations: asymmetric.yaml)
         optimizer="lars", lr=1.0, weight_decay=1e-5, preset="asymmetric", temperature=0.2, proj_hidden_dim=2048,
         proj_output_dim=256, pred_hidden_dim=4096,
