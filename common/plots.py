@@ -51,11 +51,15 @@ def umap_png(features, labels, path, title, max_points=10000, seed=0):
     axes.set_xticks([])
     axes.set_yticks([])
     figure.tight_layout()
+    save_png(figure, path, dpi=150)
 
+
+def save_png(figure, path, dpi):
+    """Write the figure to a temporary file in the same folder, then rename: a reader never sees half a picture."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"  # same folder, so the rename below is atomic
     try:
-        figure.savefig(temporary, format="png", dpi=150)
+        figure.savefig(temporary, format="png", dpi=dpi)
         os.replace(temporary, path)
     finally:
         plt.close(figure)
@@ -84,7 +88,7 @@ def curves_png(runs, path, title=None):
     """Loss, probe acc@1 and kNN acc@1 against epoch, one panel each, one colour per run.
 
     runs: [(legend label, per-epoch metric dicts)]. A metric a run never logged (no labels: no probe; kNN off)
-    is left out of its panel. Returns {metric: number of lines drawn}. Written atomically like umap_png."""
+    is left out of its panel. Returns {metric: number of lines drawn}. Written atomically (save_png)."""
     figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
     colours = plt.get_cmap("tab10")
     drawn = {}
@@ -107,15 +111,7 @@ def curves_png(runs, path, title=None):
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    try:
-        figure.savefig(temporary, format="png", dpi=120)
-        os.replace(temporary, path)
-    finally:
-        plt.close(figure)
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    save_png(figure, path, dpi=120)
     return drawn
 
 
