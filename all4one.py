@@ -53,7 +53,7 @@ RECIPES = {
     # (solo-learn's enqueue asserts it is): the CIFAR yaml's 98304 = 384 batches of 256 (docs/fidelity.md)
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=1.0, weight_decay=1e-5,
                      warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, queue_size=98304, **_ALL4ONE),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW; a support set of 8 batches; the transformer's lr a tenth of the base lr, as in
     # solo-learn's recipes (0.1 against 1.0).
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,

@@ -33,7 +33,7 @@ RECIPES = {
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=0.5, weight_decay=1e-6,
                      warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, proj_hidden_dim=4096,
                      proj_output_dim=256, pred_hidden_dim=8192, base_tau=0.99, final_tau=1.0),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,

@@ -12,7 +12,7 @@ its on_train_epoch_start (solo/methods/deepclusterv2.py, lines 149-152) sets eve
 and its loss (solo/losses/deepclusterv2.py) is a cross-entropy with ignore_index=-1, so epoch 0 has no target
 at all (the loss is NaN, its gradient zero: backbone and projector get only weight decay, the online probe alone
 learns) while the bank, initialised with random unit vectors, fills; k-means first runs at the start of epoch 1. This departure is deliberate
-(RECIPES.md, docs/fidelity.md): a wasted epoch, 1 of 1000 on CIFAR, and a NaN in the logs.
+(docs/fidelity.md): a wasted epoch, 1 of 1000 on CIFAR, and a NaN in the logs.
 
 Loss, with z = n(proj(x)), C_h the unit centroids of head h, y_h(i) the cluster of image i, T = temperature:
     L = 1/H sum_h mean_{views v, images i} CE(z_v[i] C_h^T / T, y_h(i))
@@ -43,7 +43,7 @@ RECIPES = {
                      warmup_epochs=11, warmup_start_lr=0.0, min_lr=6e-4, probe_lr=0.1, preset="symmetric",
                      crop_size=224, temperature=0.1, num_prototypes=[3000, 3000, 3000], kmeans_iters=10,
                      proj_hidden_dim=2048, proj_output_dim=128),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW, and the asymmetric preset: the blur of the others erases 16px shapes.
     # 8000 images: 200 clusters of about 40 images, like 3000 clusters of about 17 on CIFAR's 50000.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,

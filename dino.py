@@ -45,11 +45,11 @@ RECIPES = {
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=0.3, weight_decay=1e-6,
                      warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, **_DINO,
                      warmup_teacher_temp_epochs=50),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops, AdamW.
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops, AdamW.
     # 20 epochs are 620 steps, over which a 0.9995 teacher would barely leave its random init;
     # 0.99 (BYOL's base) lets it follow the student. Views inverted with p 0.5, BN in the head, a teacher at 0.02
     # and crops of at least 80% of the image: without them it learnt the background brightness and little else
-    # (README, "Results on synthetic").
+    # (docs/synthetic.md).
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,
                       min_scale=0.8, invert_prob=0.5,

@@ -46,7 +46,7 @@ _MAE = dict(optimizer="adamw", lr=2e-4, probe_lr=2e-4, weight_decay=0.05, betas=
 RECIPES = {
     "cifar": dict(backbone="vit_small", epochs=1000, batch_size=256, crop_size=32, **_MAE),
     "imagenet": dict(backbone="vit_base", epochs=400, batch_size=256, crop_size=224, warmup_start_lr=0.0, **_MAE),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least 30% of
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least 30% of
     # the image, AdamW lr 2e-3, one warmup epoch; the smallest ViT (16 patches of 4px) and a 2-block decoder.
     "synthetic": dict(backbone="vit_tiny", epochs=20, batch_size=256, crop_size=16, min_scale=0.3,
                       **{**_MAE, "lr": 2e-3, "probe_lr": 2e-3, "warmup_epochs": 1, "decoder_embed_dim": 128,

@@ -36,7 +36,7 @@ RECIPES = {
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="sgd", lr=0.3, weight_decay=1e-4,
                      warmup_epochs=10, probe_lr=0.3, preset="symmetric_weak", crop_size=224, temperature=0.2,
                      proj_hidden_dim=2048, proj_output_dim=256, queue_size=65536, base_tau=0.99, final_tau=0.999),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW, and the asymmetric preset: the blur of the others erases 16px shapes.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,

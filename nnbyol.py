@@ -39,7 +39,7 @@ RECIPES = {
     # solo-learn has no imagenet-100 nnbyol.yaml: the CIFAR values at 224px over 400 epochs
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=1.0, weight_decay=1e-5,
                      warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, **_NNBYOL),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW; a support set of 8 batches.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,

@@ -40,7 +40,7 @@ RECIPES = {
                      warmup_epochs=10, probe_lr=0.1, preset="ressl", crop_size=224, student_temperature=0.1,
                      teacher_temperature=0.04, proj_hidden_dim=4096, proj_output_dim=256, queue_size=65536,
                      base_tau=0.99, final_tau=1.0),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW. Two changes, measured at seeds 0-2: a softer teacher (0.085; at 0.04 the targets
     # sharpen the background brightness until kNN falls below the random init) and 40 epochs instead of 20.
     "synthetic": dict(backbone="resnet_narrow", epochs=40, batch_size=256, optimizer="adamw", lr=2e-3,

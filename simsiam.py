@@ -30,11 +30,11 @@ RECIPES = {
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="sgd", lr=0.5, weight_decay=1e-5,
                      warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, proj_hidden_dim=2048,
                      proj_output_dim=2048, pred_hidden_dim=512),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, and the asymmetric preset: the blur of the others erases 16px shapes. Not AdamW:
     # SimSiam reached kNN 25.6% with it, 32.9% with the paper's CIFAR SGD (wd 5e-4) at twice its lr.
     # Each view is colour-inverted with p 0.5: otherwise the features collapse onto the image's dark/light
-    # polarity, which both crops share and jitter cannot flip (README, "Results on synthetic"): 47.9%.
+    # polarity, which both crops share and jitter cannot flip (docs/synthetic.md): 47.9%.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="sgd", lr=0.06,
                       weight_decay=5e-4, warmup_epochs=1, probe_lr=0.1, preset="asymmetric", crop_size=16,
                       min_scale=0.3, invert_prob=0.5, proj_hidden_dim=512, proj_output_dim=512, pred_hidden_dim=128,

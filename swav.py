@@ -49,10 +49,10 @@ RECIPES = {
                      warmup_epochs=10, probe_lr=0.1, preset="symmetric", crop_size=224, temperature=0.1,
                      epsilon=0.05, sinkhorn_iters=3, num_prototypes=3000, queue_size=3840, queue_start_epoch=50,
                      freeze_prototypes_epochs=2, proj_hidden_dim=2048, proj_output_dim=128),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW, and the asymmetric preset: the blur of the others erases 16px shapes.
     # 8000 images: 100 prototypes and a queue of 3 batches keep several samples per prototype in Sinkhorn.
-    # eps 0.02 (harder codes than the paper's 0.05): kNN 70% against 33% at 0.05 (README, "Results on synthetic").
+    # eps 0.02 (harder codes than the paper's 0.05): kNN 70% against 33% at 0.05 (docs/synthetic.md).
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,
                       min_scale=0.3, temperature=0.1, epsilon=0.02, sinkhorn_iters=3, num_prototypes=100,

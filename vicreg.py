@@ -37,7 +37,7 @@ RECIPES = {
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=0.3, weight_decay=1e-4,
                      warmup_epochs=10, probe_lr=0.1, preset="vicreg", crop_size=224, proj_hidden_dim=2048,
                      proj_output_dim=2048, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="vicreg", crop_size=16,

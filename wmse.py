@@ -44,7 +44,7 @@ RECIPES = {
                      warmup_epochs=10, warmup_start_lr=0.0, probe_lr=3e-3, preset="wmse", crop_size=224,
                      proj_hidden_dim=1024, proj_output_dim=64, whitening_size=128, whitening_iters=1,
                      whitening_eps=0.0),
-    # synthetic: the CPU recipe all methods share (README, "Results on synthetic"): 16px crops of at least
+    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
                       weight_decay=0.05, warmup_epochs=1, warmup_start_lr=0.0, probe_lr=2e-3, preset="wmse",
