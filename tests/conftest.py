@@ -9,13 +9,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if "PYTEST_XDIST_WORKER" in os.environ:  # two workers share two cores: one thread each, in process too
+    import torch
+    torch.set_num_threads(1)
 
 
 def run_script(*argv, env=None, timeout=600, check=True):
     """Run `python argv...` (or any command when argv[0] is an executable) from the repo root."""
     cmd = [sys.executable, *argv] if str(argv[0]).endswith(".py") else list(argv)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-                **(env or {})}
+    # Under pytest-xdist (two workers on two cores) a subprocess gets one thread, else two.
+    threads = os.environ.get("OMP_NUM_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, **(env or {})}
     proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
