@@ -30,14 +30,7 @@ class Run:
         self.rank, self.world_size, self.device = dist.setup(args.device)
         self.is_main = self.rank == 0
         cuda = self.device.type == "cuda"
-        precision = args.precision
-        if precision == "auto":
-            # Native bf16 only (Ampere and newer): emulated bf16 on a V100 or T4 is slow, fp16 is the better choice.
-            native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-            precision = ("bf16" if native_bf16 else "fp16") if cuda else "fp32"
-        if precision == "fp16" and not cuda:
-            raise UsageError("--precision fp16 needs a CUDA GPU: use fp32 (or bf16) on the CPU")
-        self.precision = precision
+        self.precision = precision = resolve_precision(args.precision, self.device.type)
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         if cuda:
@@ -151,6 +144,18 @@ class Run:
         if self.metrics_file:
             self.metrics_file.close()
         dist.cleanup()
+
+
+def resolve_precision(precision, device_type):
+    """--precision auto: bf16 on GPUs with native bf16 (Ampere and newer; emulated bf16 on a V100 or T4 is slow,
+    fp16 with a GradScaler is the better choice there), fp32 on the CPU."""
+    if precision == "auto":
+        if device_type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if precision == "fp16" and device_type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA GPU: use fp32 (or bf16) on the CPU")
+    return precision
 
 
 class StepMeter:

@@ -99,3 +99,20 @@ def test_prepare_model_converts_to_sync_batchnorm_before_compiling(monkeypatch):
     assert spy.compiled == [target[0]] and spy.had_sync_bn == [True]
     assert not any(type(m) is torch.nn.BatchNorm2d or type(m) is torch.nn.BatchNorm1d for m in target.modules())
     assert list(target.state_dict()) == keys
+
+
+def test_auto_precision_is_native_bf16_else_fp16_on_cuda_and_fp32_on_cpu(monkeypatch):
+    from common.cli import UsageError
+    from common.run import resolve_precision
+    asked = []
+
+    def bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # a V100 / T4: bf16 only emulated
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    assert resolve_precision("auto", "cuda") == "fp16" and asked == [False]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(UsageError):
+        resolve_precision("fp16", "cpu")
