@@ -283,6 +283,28 @@ def synthetic_images(num_images, seed, size=32):
     return (canvas * 255).round().clamp(0, 255).to(torch.uint8), labels
 
 
+def cached_synthetic_images(count, seed):
+    """synthetic_images, read back from $SSL_SYNTHETIC_CACHE when that folder is set and holds them (else generated
+    there once). Only the test suite sets it (tests/conftest.py): its ~300 short runs would otherwise spend ~2 s of
+    CPU each generating the same images. Users never get a file: without the variable nothing is written."""
+    folder = os.environ.get("SSL_SYNTHETIC_CACHE")
+    if not folder:
+        return synthetic_images(count, seed)
+    path = os.path.join(folder, f"synthetic-{count}-{seed}.pt")
+    if os.path.exists(path):
+        try:
+            saved = torch.load(path, weights_only=True)
+            return saved["images"], saved["labels"]
+        except Exception:  # a file cut short by a killed writer: make it again
+            pass
+    images, labels = synthetic_images(count, seed)
+    os.makedirs(folder, exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"  # one writer at a time per file name; the rename is atomic
+    torch.save({"images": images, "labels": labels}, temporary)
+    os.replace(temporary, path)
+    return images, labels
+
+
 def load_dataset(name, data_dir, split, seed=0):
     """Dataset `name` (one of DATASETS) for split "train", "val" or (stl10) "unlabeled".
 
@@ -292,7 +314,7 @@ def load_dataset(name, data_dir, split, seed=0):
         raise UsageError(f"{name} has no split {split!r}: use train or val")
     if name == "synthetic":
         count, offset = {"train": (8000, 0), "val": (2000, 1)}[split]
-        images, labels = synthetic_images(count, seed + offset)
+        images, labels = cached_synthetic_images(count, seed + offset)
         return ImageTensorDataset(images, labels, len(SYNTHETIC_CLASSES), 32)
     if name in ("cifar10", "cifar100", "stl10"):
         return load_torchvision(name, data_dir, split)

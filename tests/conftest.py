@@ -1,7 +1,9 @@
 """Tests import the method scripts from the repository root and run them as subprocesses there."""
+import hashlib
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -9,6 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# The synthetic images, generated once and read back by every run of the suite (common/data.py
+# cached_synthetic_images); the folder is named after the generator's source, so a change to it starts afresh.
+_GENERATOR = hashlib.sha1((ROOT / "common" / "data.py").read_bytes()).hexdigest()[:12]
+os.environ.setdefault("SSL_SYNTHETIC_CACHE", os.path.join(tempfile.gettempdir(), f"ssl-synthetic-{_GENERATOR}"))
 if "PYTEST_XDIST_WORKER" in os.environ:  # two workers share two cores: one thread each, in process too
     import torch
     torch.set_num_threads(1)

@@ -119,7 +119,8 @@ def test_run_sends_both_views_through_the_online_backbone(tmp_path):
     value 0.9 * 0.1 * mean(strong) + 0.1 * mean(weak) of the batch means entering it (solo-learn; the strong
     view alone, the official code, would give 0.1 * mean(strong)); the probe gets both views' 2B rows."""
     out = tmp_path / "run"
-    run_script(sys.executable, "-c", RECORDING_RUN, tmp_path / "seen.pt", *tiny(out, "--max-steps", "1")[1:])
+    run_script(sys.executable, "-c", RECORDING_RUN, tmp_path / "seen.pt",
+               *tiny(out, "--max-steps", "1", "--online-views", "both")[1:])  # synthetic's recipe says strong
     seen = torch.load(tmp_path / "seen.pt")
     running_mean = torch.load(out / "last.pt", weights_only=True)["model"]["backbone.bn1.running_mean"].double()
     strong, weak = seen["bn1_means"]

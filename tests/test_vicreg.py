@@ -88,7 +88,8 @@ def test_recipe_and_heads():
 
 
 def test_variance_form_flag_and_ranges():
-    assert parse_args([]).variance_form == parse_args(["--dataset", "cifar10"]).variance_form == "sum"
+    assert parse_args(["--dataset", "cifar10"]).variance_form == parse_args(["--dataset", "imagenet100"]).variance_form == "sum"
+    assert parse_args([]).variance_form == "mean"  # the synthetic recipe: the form its kNN was measured with
     assert parse_args(["--variance-form", "mean"]).variance_form == "mean"
     for bad in (["--variance-form", "max"], ["--std-coeff", "-1"], ["--proj-output-dim", "0"]):
         with pytest.raises(cli.UsageError):
