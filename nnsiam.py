@@ -36,12 +36,13 @@ RECIPES = {
     # solo-learn has no imagenet-100 nnsiam.yaml: the CIFAR values at 224px over 400 epochs
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="sgd", lr=0.5, weight_decay=1e-5,
                      warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, **_NNSIAM),
-    # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
-    # 30% of the image, AdamW; solo-learn's widths divided by 4, a support set of 8 batches.
-    "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
-                      weight_decay=0.05, warmup_epochs=1, probe_lr=2e-3, preset="asymmetric", crop_size=16,
-                      min_scale=0.3, proj_hidden_dim=512, proj_output_dim=512, pred_hidden_dim=1024, queue_size=2048,
-                      data_backend="device", workers=2),
+    # synthetic: the CPU-sized schedule all methods share (docs/synthetic.md): 16px crops of at least 30% of the
+    # image, a support set of 8 batches, and SimSiam's synthetic optimisation (SGD 0.06, inversion, a 128-wide
+    # predictor): with the shared AdamW settings kNN ended at 27.2%, below the random init's 31.2%; with these 47.0%.
+    "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="sgd", lr=0.06,
+                      weight_decay=5e-4, warmup_epochs=1, probe_lr=0.1, preset="asymmetric", crop_size=16,
+                      min_scale=0.3, invert_prob=0.5, proj_hidden_dim=512, proj_output_dim=512, pred_hidden_dim=128,
+                      queue_size=2048, data_backend="device", workers=2),
 }
 
 
