@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,5 +239,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with warnings.catch_warnings():
-        main()
+    main()

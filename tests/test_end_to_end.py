@@ -1,10 +1,6 @@
 """The method scripts as users run them: files written, resume, signals, NaN, bad input, DDP."""
 import json
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -12,7 +8,7 @@ import torchvision
 
 from common import checkpoint
 from common.backbones import backbone_metadata, build_backbone, cifar_stem, load_backbone
-from conftest import ROOT, TINY, read_metrics as metrics, run_script, step_losses, torchrun
+from conftest import TINY, read_metrics as metrics, run_script, step_losses, torchrun
 HEADS = {"simclr": ["--proj-hidden-dim", "32", "--proj-output-dim", "16"],
          "byol": ["--proj-hidden-dim", "32", "--proj-output-dim", "16", "--pred-hidden-dim", "32"]}
 
