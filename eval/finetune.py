@@ -69,7 +69,8 @@ def build_parser():
         shown = ", ".join(f"{family} {value}" for family, value in values.items())
         p.add_argument(flag, type=kind, default=None, help=f"{what} [default: {shown}]".replace("%", "%%"), **kw)
 
-    p.add_argument("--ckpt", required=True, type=existing_file, help="backbone.pt written by a method script [required]")
+    p.add_argument("--ckpt", required=True, type=existing_file,
+                   help="backbone.pt written by a method script [required]")
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to fine-tune on [default: the one stored in --ckpt]")
     p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
@@ -79,7 +80,8 @@ def build_parser():
     recipe_flag("--epochs", cli.positive_int, "training epochs")
     recipe_flag("--batch-size", cli.positive_int, "batch size per process")
     recipe_flag("--optimizer", str, "adamw, or sgd with Nesterov momentum 0.9", choices=("adamw", "sgd"))
-    recipe_flag("--lr", cli.positive_float, "peak learning rate for a global batch of 256 (scaled by global batch / 256)")
+    recipe_flag("--lr", cli.positive_float,
+                "peak learning rate for a global batch of 256 (scaled by global batch / 256)")
     recipe_flag("--weight-decay", cli.nonneg_float, "weight decay (never on 1-D parameters of a ViT or Swin)")
     recipe_flag("--layer-decay", cli.fraction, "layer-wise lr decay of ViT / Swin: block i of L (from 0) trains at "
                 "lr x decay^(L - 1 - i), the patch embedding at lr x decay^L, the last block, norm and head at lr; "
@@ -107,7 +109,8 @@ def build_parser():
     p.add_argument("--max-steps", type=cli.nonneg_int, default=0,
                    help="stop after this many optimizer steps in all, as if training had ended (0: off) [default: 0]")
     p.add_argument("--max-train", type=cli.positive_int, default=None,
-                   help="train on a random subset of N images (of the --fraction subset), for quick runs [default: all]")
+                   help="train on a random subset of N images (of the --fraction subset), for quick runs "
+                        "[default: all]")
     p.add_argument("--max-val", type=cli.positive_int, default=None,
                    help="validate on the first N validation images, for quick runs [default: all]")
     p.add_argument("--log-every", type=cli.positive_int, default=50,
@@ -171,8 +174,8 @@ def param_groups(model, lr, weight_decay, layer_decay):
     if not hasattr(model.backbone, "group_matcher"):  # torchvision ResNet
         return [{"params": list(model.parameters()), "weight_decay": weight_decay, "lr": lr}]
     from timm.optim import param_groups_layer_decay
-    groups = param_groups_layer_decay(model.backbone, weight_decay, no_weight_decay_list=model.backbone.no_weight_decay(),
-                                      layer_decay=layer_decay)
+    groups = param_groups_layer_decay(model.backbone, weight_decay, layer_decay=layer_decay,
+                                      no_weight_decay_list=model.backbone.no_weight_decay())
     groups.append({"params": list(model.head.parameters()), "weight_decay": weight_decay, "lr_scale": 1.0})
     return [{**g, "lr": lr * g.pop("lr_scale")} for g in groups]
 
@@ -284,7 +287,8 @@ def train(args):
         scores = evaluation.probe_validate(model.backbone, model.head, val_loader, sharded=True, **ctx)
     if run.is_main:
         result = {**scores, "mode": "finetune", "fraction": args.fraction, "epochs": args.epochs, "steps": step,
-                  "dataset": args.dataset, "ckpt": str(args.ckpt), "backbone": meta["name"], "method": meta.get("method"),
+                  "dataset": args.dataset, "ckpt": str(args.ckpt), "backbone": meta["name"],
+                  "method": meta.get("method"),
                   **{k: getattr(args, k) for k in ("optimizer", "weight_decay", "layer_decay", "drop_path", "mixup",
                                                    "cutmix", "label_smoothing", "warmup_epochs", "batch_size")},
                   "base_lr": args.lr, "lr": lr, "world_size": run.world_size, "precision": run.precision,
@@ -292,7 +296,8 @@ def train(args):
                   "history": history}
         out = os.path.join(args.out_dir, "finetune.json")
         write_json(result, out)
-        run.print(f"fine-tuned {args.ckpt} on {args.dataset} ({f'{args.fraction:g} of the' if args.fraction < 1 else 'all'} labels): "
+        labels = f"{args.fraction:g} of the labels" if args.fraction < 1 else "all labels"
+        run.print(f"fine-tuned {args.ckpt} on {args.dataset} ({labels}): "
                   f"acc@1 {scores['acc1']:.2f}  acc@5 {scores['acc5']:.2f}  -> {out}")
     run.close()
     return scores

@@ -207,7 +207,8 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
     one, two = (json.loads((tmp_path / d / "finetune.json").read_text()) for d in ("one", "two"))
     assert (one["world_size"], two["world_size"], one["steps"], two["steps"]) == (1, 2, 2, 2)
     assert one["lr"] == two["lr"] == 0.5 * 16 / 256  # scaled by the global batch
-    assert two["acc1"] == one["acc1"] and two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
+    assert two["acc1"] == one["acc1"]
+    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
     start = torch.load(ckpt)["backbone"]
     weights = [torch.load(tmp_path / d / "last.pt")["model"] for d in ("one", "two")]
     moved = max((weights[0][f"backbone.{k}"] - v).abs().max().item() for k, v in start.items())
