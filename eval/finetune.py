@@ -208,6 +208,9 @@ def train(args):
     if args.max_val is not None and args.max_val < len(val_set):
         val_set = Subset(val_set, range(args.max_val))
     train_indexes = getattr(train_set, "indices", None)
+    if len(train_set) // run.world_size < args.batch_size:  # 1% of a small set: say which flag to change
+        raise UsageError(f"{len(train_set)} training images ({len(train_set) // run.world_size} per process) are "
+                         f"fewer than --batch-size {args.batch_size}: pass a smaller --batch-size")
     size = meta["image_size"]
     mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
     # The deterministic loader of the method scripts: batches a function of (seed, epoch, position), resumable

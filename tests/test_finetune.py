@@ -99,12 +99,14 @@ def test_layer_decay_groups_by_hand():
     assert {lr for lr, _ in expected.values()} == {0.25, 0.5, 1.0}  # every layer was reached
 
 
-def test_resnets_refuse_vit_only_options(resnet_ckpt, tmp_path):
+def test_refusals_name_the_flag(resnet_ckpt, tmp_path):
     for flag, value in (("--layer-decay", 0.75), ("--drop-path", 0.1)):
         with pytest.raises(UsageError, match="need a ViT or Swin"):
             run_finetune(resnet_ckpt, tmp_path / "x", flag, value)
     with pytest.raises(UsageError, match="must be even"):
         run_finetune(resnet_ckpt, tmp_path / "x", "--mixup", 0.8, "--batch-size", 15)
+    with pytest.raises(UsageError, match="80 training images .* smaller --batch-size"):  # 1% of synthetic's 8000
+        run_finetune(resnet_ckpt, tmp_path / "x", "--fraction", 0.01)
 
 
 # ---- mixup / cutmix targets and the loss ----
