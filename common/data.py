@@ -325,9 +325,9 @@ def load_dataset(name, data_dir, split, seed=0):
 
 def class_balanced_subset(labels, fraction, seed):
     """Sorted indexes of a class-balanced `fraction` of a labelled set (the 1% / 10% protocols of the SSL papers):
-    round(fraction * n_c) images of each class c with n_c images (halves to even, at least one), drawn at random from a generator
-    seeded with `seed` alone, so the same seed gives the same subset in every process and on every rerun.
-    Unlabelled images (label -1) are never chosen; fraction 1 keeps every labelled image."""
+    round(fraction * n_c) images of each class c with n_c images (halves to even, at least one), drawn at random
+    from a generator seeded with `seed` alone, so the same seed gives the same subset in every process and on every
+    rerun. Unlabelled images (label -1) are never chosen; fraction 1 keeps every labelled image."""
     labels = torch.as_tensor(labels, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     order = order[labels[order] >= 0]

@@ -97,12 +97,11 @@ def load_splits(dataset, data_dir, seed, max_train, fraction=1.0):
     val_set = data.load_dataset(dataset, data_dir, "val", seed)
     if val_set is None:
         raise UsageError(f"{data_dir} has no val/ folder: add labelled validation images there")
-    chosen = data.class_balanced_subset(train_set.targets, fraction, seed) if fraction < 1 else None
-    if max_train is not None and max_train < (len(train_set) if chosen is None else len(chosen)):
-        picked = torch.randperm(len(train_set) if chosen is None else len(chosen),
-                                generator=torch.Generator().manual_seed(seed))[:max_train]
-        chosen = picked if chosen is None else chosen[picked]
-    if chosen is not None:
+    chosen = data.class_balanced_subset(train_set.targets, fraction, seed) if fraction < 1 else \
+        torch.arange(len(train_set))
+    if max_train is not None and max_train < len(chosen):
+        chosen = chosen[torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed))[:max_train]]
+    if len(chosen) < len(train_set):
         train_set = Subset(train_set, chosen.sort().values.tolist())
     return train_set, val_set, num_classes
 
