@@ -265,8 +265,8 @@ def train(args):
         meter = run.meter(epoch, bar)  # the loss and nn_acc stay on the device: read only every --log-every steps
         nn_acc_sum = torch.zeros((), device=run.device)
         for views, labels, indexes in bar:
-            # the transformer's dropout draws from the global RNG: seeded per step, a resumed run draws the same masks
-            torch.manual_seed(mix_seed("all4one", args.seed, step, run.rank))
+            # the transformer's dropout draws from the global RNG: seeded per batch, a resumed run draws the same masks
+            torch.manual_seed(mix_seed("all4one", args.seed, run.accumulation.batch_number(step), run.rank))
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             tau = optim.cosine_tau(step, total_steps, args.base_tau, args.final_tau)
             views = [run.to_device(v) for v in views]

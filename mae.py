@@ -276,8 +276,8 @@ def train(args):
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             images = torch.cat([run.to_device(v) for v in views])  # every large crop, one batch after another
             labels = run.labels_to_device(labels)
-            # masks a function of (seed, step, rank) alone: a run resumed mid-epoch draws the same ones
-            torch.manual_seed(mix_seed("mae", args.seed, step, run.rank))
+            # masks a function of (seed, batch, rank) alone: a run resumed mid-epoch draws the same ones
+            torch.manual_seed(mix_seed("mae", args.seed, run.accumulation.batch_number(step), run.rank))
             noise = torch.rand(len(images), model.num_patches, device=run.device)
             with run.autocast():
                 pred, mask, logits = train_model(images, noise)

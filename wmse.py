@@ -193,8 +193,8 @@ def train(args):
             labels = run.labels_to_device(labels)
             with run.autocast():
                 z, logits = train_model(views)
-            # chunks a function of (seed, step, rank) alone: a run resumed mid-epoch draws the same ones
-            torch.manual_seed(mix_seed("wmse", args.seed, step, run.rank))
+            # chunks a function of (seed, batch, rank) alone: a run resumed mid-epoch draws the same ones
+            torch.manual_seed(mix_seed("wmse", args.seed, run.accumulation.batch_number(step), run.rank))
             loss = wmse_loss(z, whitening_size=args.whitening_size, whitening_iters=args.whitening_iters,
                              eps=args.whitening_eps, symmetric=args.symmetric_loss)
             embeddings_finite = torch.stack([torch.isfinite(v.detach()).all() for v in z]).all()

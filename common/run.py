@@ -340,6 +340,11 @@ class Accumulation:
         ddp.require_backward_grad_sync = self._steps_after(1, 1)  # a run starts or resumes with a group's first batch
         self.ddp_models.append(ddp)
 
+    def batch_number(self, step):
+        """A number unique to each batch of the run, before its optimizer_step: `step` itself when nothing accumulates
+        (per-batch seeds: MAE's masks, W-MSE's chunks, All4One's dropout)."""
+        return step * self.steps + self.pending
+
     def add_batch(self, epoch, step):
         """Count one batch of optimizer step `step` (from 0) of `epoch`; True when the optimizer steps after it.
         Python arithmetic only: nothing is read from the device."""

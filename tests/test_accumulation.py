@@ -55,10 +55,11 @@ def test_groups_count_from_the_epoch_start_and_its_last_batch_steps():
     assert acc.steps_per_epoch == 3
     ddp = SimpleNamespace()
     acc.watch(ddp)
-    step, pattern, sizes, synced = 0, [], [], []
+    step, pattern, sizes, synced, numbers = 0, [], [], [], []
     for epoch in range(2):
         for _ in range(7):
             synced.append(ddp.require_backward_grad_sync)  # what DDP reads in this batch's forward
+            numbers.append(acc.batch_number(step))  # per-batch seeds
             stepping = acc.add_batch(epoch, step)
             acc.sync_next_batch()
             pattern.append(stepping)
@@ -68,6 +69,8 @@ def test_groups_count_from_the_epoch_start_and_its_last_batch_steps():
     one_epoch = [False, False, True, False, False, True, True]
     assert pattern == one_epoch * 2 and step == 6 and sizes == [3, 3, 1] * 2
     assert synced == pattern  # only the batches that step all-reduce their gradients
+    assert numbers == [0, 1, 2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 14, 15]  # unique: step x 3 + the group's batches before
+    assert Accumulation(1, 7).batch_number(5) == 5  # no accumulation: the step, as the seeds were before
     # Resumed after the first step of epoch 1 (last.pt is written after a step, never mid-group): the loader skips
     # the group's 3 batches and the rest of the epoch groups as before.
     resumed = Accumulation(3, 7)
