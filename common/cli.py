@@ -158,12 +158,13 @@ def parser(method, doc, recipes):
     opt("--min-lr", nonneg_float, "lr at the end of the cosine")
     opt("--probe-lr", nonneg_float, "online linear probe lr (scaled like --lr)")
     opt("--grad-clip", nonneg_float, "clip the gradient norm to this value (0: off)")
-    opt("--lars-eta", positive_float, "LARS trust coefficient eta (solo-learn's optimizer.kwargs.eta)")
-    opt("--lars-clip", help="LARS trust ratio clipped to min(ratio / lr, 1) (solo-learn's clip_lr)",
-        action=argparse.BooleanOptionalAction)
-    opt("--accumulate-steps", positive_int, "accumulate the gradients of N batches per optimizer step, as "
-        "Lightning's accumulate_grad_batches (solo-learn's ImageNet BYOL): lrs scale by batch x processes x N / 256; "
-        "steps, lr, momentum and --max-steps count optimizer steps")
+    opt("--lars-eta", positive_float, "LARS trust coefficient eta (solo-learn's optimizer.kwargs.eta; 0.02 where "
+        "no recipe sets it)")
+    opt("--lars-clip", help="LARS trust ratio clipped to min(ratio / lr, 1) (solo-learn's clip_lr; on where no "
+        "recipe sets it)", action=argparse.BooleanOptionalAction)
+    opt("--accumulate-steps", positive_int, "sum the gradients of N batches per optimizer step, as Lightning's "
+        "accumulate_grad_batches (solo-learn's ImageNet BYOL; 1 where no recipe sets it): lrs scale by batch x "
+        "processes x N / 256; steps, lr, momentum and --max-steps count optimizer steps")
     run("--seed", nonneg_int, "seed of model init, data order and augmentations")
     run("--device", help="auto picks CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
     run("--precision", help="auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU",
