@@ -232,7 +232,8 @@ def train(args):
     groups += optim.param_groups(model.transformer, args.weight_decay, exclude_1d=lars,
                                  lr=run.scale_lr(args.transformer_lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "target": target, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -257,15 +258,15 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), target.train()  # the momentum network's BN uses batch statistics, like the online one
         bar = run.progress(datasets.loader, epoch)
         meter = run.meter(epoch, bar)  # the loss and nn_acc stay on the device: read only every --log-every steps
         nn_acc_sum = torch.zeros((), device=run.device)
         for views, labels, indexes in bar:
-            # the transformer's dropout draws from the global RNG: seeded per step, a resumed run draws the same masks
-            torch.manual_seed(mix_seed("all4one", args.seed, step, run.rank))
+            # the transformer's dropout draws from the global RNG: seeded per batch, a resumed run draws the same masks
+            torch.manual_seed(mix_seed("all4one", args.seed, run.accumulation.batch_number(step), run.rank))
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             tau = optim.cosine_tau(step, total_steps, args.base_tau, args.final_tau)
             views = [run.to_device(v) for v in views]
@@ -277,9 +278,11 @@ def train(args):
                 (z1, z2), (p1, p2), (c1, c2), (own1, own2), logits = train_model(views, (nn1, nn2))
             loss = all4one_loss(nn1[:, 0], nn2[:, 0], p1, p2, c1, c2, own1, own2, m1, m2, z1, z2, **weights)
             nn_acc = (queue_labels[index1[:, 0]] == labels).float().mean()  # the nearest has the view's label
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
-            optim.momentum_update(online, target, tau)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             ptr = enqueue(queue, queue_labels, ptr, m1, labels)  # after the loss, as solo-learn's queue
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
+            optim.momentum_update(online, target, tau)
             step += 1
             nn_acc_sum += nn_acc
             if stop := meter.update(step, loss, len(labels), lr, tau=tau, **({"nn_acc": nn_acc} if labelled else {})):

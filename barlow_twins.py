@@ -14,6 +14,7 @@ Under DDP the batch is the global one: the BN moments and C are sums over sample
     python barlow_twins.py --dataset synthetic                   # offline CPU demo, minutes
     python barlow_twins.py --dataset cifar10                     # solo-learn CIFAR recipe
     torchrun --nproc_per_node=4 barlow_twins.py --dataset imagenet100 --data-dir /data/imagenet100
+    torchrun --nproc_per_node=4 barlow_twins.py --dataset imagenet --data-dir /data/imagenet --batch-size 64
 """
 import os
 
@@ -32,6 +33,11 @@ RECIPES = {
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=0.3, weight_decay=1e-4,
                      warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, proj_hidden_dim=2048,
                      proj_output_dim=2048, lamb=0.0051, scale_loss=0.1),
+    # ImageNet-1k, scripts/pretrain/imagenet/barlow.yaml: 64 per GPU on 4 GPUs (256 on one process), LARS eta
+    # 0.001 unclipped.
+    "imagenet1k": dict(backbone="resnet50", epochs=100, batch_size=256, optimizer="lars", lr=0.8, weight_decay=1.5e-6,
+                       lars_eta=0.001, lars_clip=False, warmup_epochs=10, probe_lr=0.1, preset="asymmetric",
+                       crop_size=224, proj_hidden_dim=4096, proj_output_dim=4096, lamb=0.0051, scale_loss=0.048),
     # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
@@ -110,7 +116,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -125,7 +132,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
         bar = run.progress(datasets.loader, epoch)
@@ -137,7 +144,9 @@ def train(args):
             with run.autocast():
                 (z1, z2), logits = train_model(views)
             loss = barlow_twins_loss(z1, z2, lamb=args.lamb, scale_loss=args.scale_loss)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             step += 1
             if stop := meter.update(step, loss, len(labels), lr):
                 break

@@ -13,6 +13,7 @@ Target update after every step: xi <- tau * xi + (1 - tau) * theta, tau rising 0
     python byol.py --dataset synthetic                         # offline CPU demo, minutes
     python byol.py --dataset cifar10                           # solo-learn CIFAR recipe
     torchrun --nproc_per_node=4 byol.py --dataset imagenet100 --data-dir /data/imagenet100
+    torchrun --nproc_per_node=2 byol.py --dataset imagenet --data-dir /data/imagenet --batch-size 64
 """
 import copy
 import os
@@ -33,6 +34,13 @@ RECIPES = {
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="lars", lr=0.5, weight_decay=1e-6,
                      warmup_epochs=10, probe_lr=0.1, preset="asymmetric", crop_size=224, proj_hidden_dim=4096,
                      proj_output_dim=256, pred_hidden_dim=8192, base_tau=0.99, final_tau=1.0),
+    # ImageNet-1k, scripts/pretrain/imagenet/byol.yaml: 64 per GPU on 2 GPUs (128 on one process) and 16 batches
+    # accumulated per optimizer step; LARS eta 0.001 unclipped; the warmup starts at 3e-5 x 16 (solo-learn's
+    # base.py multiplies it by accumulate_grad_batches).
+    "imagenet1k": dict(backbone="resnet50", epochs=100, batch_size=128, accumulate_steps=16, optimizer="lars",
+                       lr=0.45, weight_decay=1e-6, lars_eta=0.001, lars_clip=False, warmup_epochs=10,
+                       warmup_start_lr=3e-5 * 16, probe_lr=0.2, preset="asymmetric", crop_size=224,
+                       proj_hidden_dim=4096, proj_output_dim=256, pred_hidden_dim=4096, base_tau=0.99, final_tau=1.0),
     # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
@@ -101,7 +109,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector, model.predictor]),
                                 args.weight_decay, exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "target": target, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -116,7 +125,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), target.train()  # the target's BN uses batch statistics, like the online one
         bar = run.progress(datasets.loader, epoch)
@@ -132,7 +141,9 @@ def train(args):
                     targets = [target(v) for v in views[:args.num_large_crops]]
             loss = sum(byol_loss(predictions[i], targets[j]) for j in range(len(targets))
                        for i in range(len(predictions)) if i != j)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             optim.momentum_update(online, target, tau)
             step += 1
             if stop := meter.update(step, loss, len(labels), lr, tau=tau):

@@ -154,7 +154,7 @@ def train(args):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     run = Run(args)
     datasets = build_data(args, run)
-    seen = datasets.steps_per_epoch * args.batch_size * run.world_size  # images in the bank after one pass
+    seen = datasets.batches_per_epoch * args.batch_size * run.world_size  # images in the bank after one pass
     if max(args.num_prototypes) > seen:
         raise cli.UsageError(f"--num-prototypes {max(args.num_prototypes)} exceeds the {seen} images clustered "
                              "per epoch: use fewer prototypes")
@@ -165,7 +165,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
     size = datasets.train_size
     bank = torch.zeros(args.num_large_crops, size, args.proj_output_dim, device=run.device)
     filled = torch.zeros(size, dtype=torch.bool, device=run.device)
@@ -207,7 +208,7 @@ def train(args):
                     layer.weight.copy_(c)
             assigned_epoch = epoch
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
         bar = run.progress(datasets.loader, epoch)
@@ -221,8 +222,10 @@ def train(args):
             targets = assignments.index_select(1, indexes)  # (H, B) pseudo-labels, looked up on the device
             loss = deepclusterv2_loss(z, [layer.weight for layer in model.prototypes], targets,
                                       temperature=args.temperature)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             update_bank(bank, filled, z[:args.num_large_crops], indexes)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             step += 1
             if stop := meter.update(step, loss, len(labels), lr):
                 break

@@ -209,7 +209,8 @@ def train(args):
                                 lr=run.scale_lr(args.lr))
     groups[0]["scheduled_wd"] = True
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "teacher": teacher, "optimizer": optimizer, "scaler": run.scaler}
     center = torch.zeros(args.num_prototypes, device=run.device)
@@ -226,7 +227,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), teacher.train()  # the teacher's BN uses batch statistics, like the student's
         # the schedules (temperature per epoch; lr, tau, weight decay per step) are Python numbers, never tensors
@@ -247,9 +248,12 @@ def train(args):
                     teacher_logits = [teacher(v) for v in views[:args.num_large_crops]]
             loss = dino_loss(student_logits, teacher_logits, center, student_temp=args.student_temp,
                              teacher_temp=temp)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip, freeze)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip,
+                                     freeze)
             # all-reduced on the device (no host sync): every rank holds the same center
             center = update_center(center, torch.stack(teacher_logits), momentum=args.center_momentum)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             optim.momentum_update(student, teacher, tau)
             step += 1
             if stop := meter.update(step, loss, len(labels), lr, tau=tau, weight_decay=wd, teacher_temp=temp):

@@ -24,6 +24,7 @@ area 0.2-1 (`--min-scale 0.2`).
     python mae.py --dataset synthetic                          # offline CPU demo
     python mae.py --dataset cifar10                            # solo-learn CIFAR recipe (vit_small, patch 4)
     torchrun --nproc_per_node=2 mae.py --dataset imagenet100 --data-dir /data/imagenet100 --batch-size 128
+    torchrun --nproc_per_node=2 mae.py --dataset imagenet --data-dir /data/imagenet --batch-size 64
 """
 import argparse
 import os
@@ -37,7 +38,8 @@ from common.data import mix_seed
 from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
 
 # ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
-# solo-learn scripts/pretrain/{cifar,imagenet-100}/mae.yaml (imagenet-100: 128 per GPU on 2 GPUs = 256) and
+# solo-learn scripts/pretrain/{cifar,imagenet-100,imagenet}/mae.yaml (imagenet-100: 128 per GPU on 2 GPUs = 256;
+# imagenet: 64 per GPU on 2 GPUs = 128, its other values the same) and
 # augmentations/reconstruction.yaml (one crop, crop and flip only); warmup 10 epochs is solo-learn's default.
 _MAE = dict(optimizer="adamw", lr=2e-4, probe_lr=2e-4, weight_decay=0.05, betas=(0.9, 0.95),
             exclude_bias_norm_wd=False, warmup_epochs=10, preset="reconstruction", num_large_crops=1,
@@ -46,6 +48,7 @@ _MAE = dict(optimizer="adamw", lr=2e-4, probe_lr=2e-4, weight_decay=0.05, betas=
 RECIPES = {
     "cifar": dict(backbone="vit_small", epochs=1000, batch_size=256, crop_size=32, **_MAE),
     "imagenet": dict(backbone="vit_base", epochs=400, batch_size=256, crop_size=224, warmup_start_lr=0.0, **_MAE),
+    "imagenet1k": dict(backbone="vit_base", epochs=400, batch_size=128, crop_size=224, warmup_start_lr=0.0, **_MAE),
     # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least 30% of
     # the image, AdamW lr 2e-3, one warmup epoch; the smallest ViT (16 patches of 4px) and a 2-block decoder.
     "synthetic": dict(backbone="vit_tiny", epochs=20, batch_size=256, crop_size=16, min_scale=0.3,
@@ -248,7 +251,8 @@ def train(args):
     if args.optimizer in ("adam", "adamw"):
         for g in groups:  # solo-learn passes the betas to the optimizer: every group, the probe's too
             g["betas"] = tuple(args.betas)
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -263,7 +267,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
         bar = run.progress(datasets.loader, epoch)
@@ -272,15 +276,17 @@ def train(args):
             lr = optim.set_lr(optimizer, step, total_steps, warmup_steps, args.warmup_start_lr, args.min_lr)
             images = torch.cat([run.to_device(v) for v in views])  # every large crop, one batch after another
             labels = run.labels_to_device(labels)
-            # masks a function of (seed, step, rank) alone: a run resumed mid-epoch draws the same ones
-            torch.manual_seed(mix_seed("mae", args.seed, step, run.rank))
+            # masks a function of (seed, batch, rank) alone: a run resumed mid-epoch draws the same ones
+            torch.manual_seed(mix_seed("mae", args.seed, run.accumulation.batch_number(step), run.rank))
             noise = torch.rand(len(images), model.num_patches, device=run.device)
             with run.autocast():
                 pred, mask, logits = train_model(images, noise)
             # the mean over this rank's masked patches; every rank masks as many, so DDP's gradient average is
             # the mean over all of them: nothing to gather
             loss = mae_loss(images, pred, mask, model.patch_size, norm_pix_loss=args.norm_pix_loss)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             step += 1
             if stop := meter.update(step, loss, len(labels), lr):
                 break

@@ -16,6 +16,7 @@ Momentum encoder after every step: xi <- tau * xi + (1 - tau) * theta, tau risin
     python mocov2plus.py --dataset synthetic                   # offline CPU demo, minutes
     python mocov2plus.py --dataset cifar10                     # solo-learn CIFAR recipe
     torchrun --nproc_per_node=4 mocov2plus.py --dataset imagenet100 --data-dir /data/imagenet100
+    torchrun --nproc_per_node=2 mocov2plus.py --dataset imagenet --data-dir /data/imagenet --batch-size 64
 """
 import copy
 import os
@@ -36,6 +37,10 @@ RECIPES = {
     "imagenet": dict(backbone="resnet18", epochs=400, batch_size=256, optimizer="sgd", lr=0.3, weight_decay=1e-4,
                      warmup_epochs=10, probe_lr=0.3, preset="symmetric_weak", crop_size=224, temperature=0.2,
                      proj_hidden_dim=2048, proj_output_dim=256, queue_size=65536, base_tau=0.99, final_tau=0.999),
+    # ImageNet-1k, scripts/pretrain/imagenet/mocov2plus.yaml: 64 per GPU on 2 GPUs (128 on one process).
+    "imagenet1k": dict(backbone="resnet50", epochs=400, batch_size=128, optimizer="sgd", lr=0.3, weight_decay=3e-5,
+                       warmup_epochs=10, probe_lr=0.4, preset="symmetric_weak", crop_size=224, temperature=0.2,
+                       proj_hidden_dim=2048, proj_output_dim=256, queue_size=65536, base_tau=0.99, final_tau=0.999),
     # synthetic: the CPU recipe all methods share (docs/synthetic.md): 16px crops of at least
     # 30% of the image, AdamW, and the asymmetric preset: the blur of the others erases 16px shapes.
     "synthetic": dict(backbone="resnet_narrow", epochs=20, batch_size=256, optimizer="adamw", lr=2e-3,
@@ -128,7 +133,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "momentum": momentum, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -150,7 +156,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), momentum.train()  # the key encoder's BN uses batch statistics, like the query one
         bar = run.progress(datasets.loader, epoch)
@@ -167,9 +173,11 @@ def train(args):
             # each rank's queries against its own keys and the shared queue: DDP's gradient average
             # then equals the gradient of the loss of the global batch
             loss = mocov2plus_loss(q1, q2, k1, k2, queue[:, 0], queue[:, 1], temperature=args.temperature)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
-            optim.momentum_update(online, momentum, tau)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             ptr = enqueue(queue, ptr, torch.stack([k1, k2], dim=1))  # after the loss: no key is its own negative
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
+            optim.momentum_update(online, momentum, tau)
             step += 1
             if stop := meter.update(step, loss, len(labels), lr, tau=tau):  # averaged over ranks at log steps
                 break

@@ -178,7 +178,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector, model.predictor]),
                                 args.weight_decay, exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "momentum": momentum, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -193,7 +194,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), momentum.train()  # the momentum encoder's BN uses batch statistics, like the online one
         bar = run.progress(datasets.loader, epoch)
@@ -210,7 +211,9 @@ def train(args):
             # keys of every rank, in rank order: the other images of the global batch are the negatives
             k1, k2 = dist.gather(k1.float()), dist.gather(k2.float())
             loss = mocov3_loss(q1, q2, k1, k2, temperature=args.temperature, rank=run.rank)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             optim.momentum_update(online, momentum, tau)
             step += 1
             if stop := meter.update(step, loss, len(labels), lr, tau=tau):

@@ -143,7 +143,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector, model.predictor]),
                                 args.weight_decay, exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "target": target, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -165,7 +166,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), target.train()  # the target's BN uses batch statistics, like the online one
         bar = run.progress(datasets.loader, epoch)
@@ -183,9 +184,11 @@ def train(args):
             (nn1, index1), (nn2, _) = nearest_neighbour(z1, queue), nearest_neighbour(z2, queue)
             loss = nnbyol_loss(p1, p2, nn1, nn2)
             nn_acc = (queue_labels[index1] == labels).float().mean()  # the neighbour has the view's label
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
-            optim.momentum_update(online, target, tau)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             ptr = enqueue(queue, queue_labels, ptr, z1, labels)  # after the loss, as solo-learn's queue
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
+            optim.momentum_update(online, target, tau)
             step += 1
             nn_acc_sum += nn_acc
             if stop := meter.update(step, loss, len(labels), lr, tau=tau, **({"nn_acc": nn_acc} if labelled else {})):

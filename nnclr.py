@@ -152,7 +152,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector, model.predictor]),
                                 args.weight_decay, exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -173,7 +174,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
         labelled = datasets.num_classes > 0  # nn_acc needs labels; on unlabelled data it is not logged
@@ -190,10 +191,12 @@ def train(args):
             # every rank computes the same loss of the global batch, as simclr.py does
             loss = nnclr_loss(*(dist.gather(x) for x in (nn1, nn2, p1, p2)), temperature=args.temperature)
             nn_acc = neighbour_accuracy(queue_labels[index1], labels)  # a tensor: read at log steps only
-            nn_acc_sum += nn_acc
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             ptr = enqueue(queue, queue_labels, ptr, z1, labels)  # after the loss, as the paper's queue
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             step += 1
+            nn_acc_sum += nn_acc
             if stop := meter.update(step, loss, len(labels), lr, **({"nn_acc": nn_acc} if labelled else {})):
                 break
         finished_epoch = step == (epoch + 1) * steps_per_epoch

@@ -152,7 +152,8 @@ def train(args):
     ptr = 0
     groups = param_groups(model, run.scale_lr(args.lr), run.scale_lr(args.probe_lr), args.weight_decay,
                           exclude_1d=args.optimizer == "lars")
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -174,7 +175,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
         bar = run.progress(datasets.loader, epoch)
@@ -189,8 +190,10 @@ def train(args):
             (nn1, index1), (nn2, _) = nearest_neighbour(z1, queue), nearest_neighbour(z2, queue)
             loss = nnsiam_loss(p1, p2, nn1, nn2)
             nn_acc = (queue_labels[index1] == labels).float().mean()  # the neighbour has the view's label
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             ptr = enqueue(queue, queue_labels, ptr, z1, labels)  # after the loss, as solo-learn's queue
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             step += 1
             nn_acc_sum += nn_acc
             if stop := meter.update(step, loss, len(labels), lr, **({"nn_acc": nn_acc} if labelled else {})):

@@ -138,7 +138,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "teacher": teacher, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -158,7 +159,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train(), teacher.train()  # the teacher's BN uses batch statistics, like the student's
         bar = run.progress(datasets.loader, epoch)
@@ -175,9 +176,11 @@ def train(args):
             # per-sample loss against the shared queue: DDP's gradient average is the global batch's gradient
             loss = ressl_loss(q, k, queue, student_temperature=args.student_temperature,
                               teacher_temperature=args.teacher_temperature)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
-            optim.momentum_update(online, teacher, tau)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
             ptr = enqueue(queue, ptr, k)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
+            optim.momentum_update(online, teacher, tau)
             step += 1
             if stop := meter.update(step, loss, len(labels), lr, tau=tau):  # averaged over ranks at log steps
                 break

@@ -116,7 +116,8 @@ def train(args):
     train_model = prepare_model(model, run)
     groups = param_groups(model, run.scale_lr(args.lr), run.scale_lr(args.probe_lr), args.weight_decay,
                           exclude_1d=args.optimizer == "lars")
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -131,7 +132,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
         bar = run.progress(datasets.loader, epoch)
@@ -143,7 +144,9 @@ def train(args):
             with run.autocast():
                 (p1, p2), (z1, z2), logits = train_model(views)
             loss = simsiam_loss(p1, p2, z1, z2)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             step += 1
             if stop := meter.update(step, loss, len(labels), lr):
                 break

@@ -169,7 +169,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector, model.prototypes]),
                                 args.weight_decay, exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
     # The queue is the same on every rank (filled with all-gathered features), newest first; each rank puts its
     # own slice of it into Sinkhorn, whose sums are all-reduced, so the ranks together use it exactly once.
     queue = torch.zeros(args.num_large_crops, args.queue_size, args.proj_output_dim, device=run.device)
@@ -195,7 +196,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
         bar = run.progress(datasets.loader, epoch)
@@ -213,12 +214,14 @@ def train(args):
                 queue_scores = [rows @ model.prototypes.weight.detach().T for rows in mine]
             loss = swav_loss(scores, queue_scores, num_large_crops=args.num_large_crops, temperature=args.temperature,
                              epsilon=args.epsilon, sinkhorn_iters=args.sinkhorn_iters)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip,
-                           before_step=freeze if epoch < args.freeze_prototypes_epochs else None)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip,
+                                     before_step=freeze if epoch < args.freeze_prototypes_epochs else None)
             if args.queue_size:
                 keys = torch.stack([dist.gather(z[i].detach().float()) for i in range(args.num_large_crops)])
                 queue = torch.cat([keys, queue], dim=1)[:, :args.queue_size]
                 queue_filled = min(queue_filled + keys.shape[1], args.queue_size)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             step += 1
             if stop := meter.update(step, loss, len(labels), lr, queue_used=int(queue_scores is not None)):
                 break

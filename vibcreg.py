@@ -68,8 +68,6 @@ def parse_args(argv=None):
     add("--sim-coeff", cli.nonneg_float, "weight of the invariance (MSE) term")
     add("--std-coeff", cli.nonneg_float, "weight of the variance term")
     add("--cov-coeff", cli.nonneg_float, "weight of the normalised covariance term")
-    add("--lars-clip", None, "LARS trust ratio clipped to min(ratio / lr, 1) (solo-learn's clip_lr)",
-        action=argparse.BooleanOptionalAction)
     args = cli.resolve(p, argv, "vibcreg", RECIPES)
     if args.num_large_crops != 2 or args.num_small_crops:
         raise cli.UsageError("vibcreg trains on two views: use --num-large-crops 2 --num-small-crops 0")
@@ -184,7 +182,7 @@ def train(args):
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
     optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
-                                      lars_clip=args.lars_clip)
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}  # IterNorm's running stats: in model
     epoch, step = 0, 0
@@ -199,7 +197,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
         bar = run.progress(datasets.loader, epoch)
@@ -211,7 +209,9 @@ def train(args):
             with run.autocast():
                 (z1, z2), logits = train_model(views)
             loss = vibcreg_loss(z1, z2, sim_coeff=args.sim_coeff, std_coeff=args.std_coeff, cov_coeff=args.cov_coeff)
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             step += 1
             if stop := meter.update(step, loss, len(labels), lr):
                 break

@@ -153,7 +153,8 @@ def train(args):
     groups = optim.param_groups(nn.ModuleList([model.backbone, model.projector]), args.weight_decay,
                                 exclude_1d=args.optimizer == "lars", lr=run.scale_lr(args.lr))
     groups += optim.param_groups(model.probe, 0.0, lr=run.scale_lr(args.probe_lr))
-    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay)
+    optimizer = optim.build_optimizer(args.optimizer, groups, run.scale_lr(args.lr), args.weight_decay,
+                                      eta=args.lars_eta, lars_clip=args.lars_clip)
 
     state = {"model": model, "optimizer": optimizer, "scaler": run.scaler}
     epoch, step = 0, 0
@@ -181,7 +182,7 @@ def train(args):
     stop = "max_steps" if args.max_steps and step >= args.max_steps else None
     while epoch < args.epochs and stop is None:
         skip = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size)
+        datasets.loader.sampler.set_epoch(epoch, skip=skip * args.batch_size * args.accumulate_steps)
         torch.manual_seed(args.seed + 1000003 * epoch + run.rank)  # randomness a function of (seed, epoch, rank)
         model.train()
         bar = run.progress(datasets.loader, epoch)
@@ -192,13 +193,15 @@ def train(args):
             labels = run.labels_to_device(labels)
             with run.autocast():
                 z, logits = train_model(views)
-            # chunks a function of (seed, step, rank) alone: a run resumed mid-epoch draws the same ones
-            torch.manual_seed(mix_seed("wmse", args.seed, step, run.rank))
+            # chunks a function of (seed, batch, rank) alone: a run resumed mid-epoch draws the same ones
+            torch.manual_seed(mix_seed("wmse", args.seed, run.accumulation.batch_number(step), run.rank))
             loss = wmse_loss(z, whitening_size=args.whitening_size, whitening_iters=args.whitening_iters,
                              eps=args.whitening_eps, symmetric=args.symmetric_loss)
             embeddings_finite = torch.stack([torch.isfinite(v.detach()).all() for v in z]).all()
             whitening_failed |= embeddings_finite & ~torch.isfinite(loss.detach())
-            optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            stepped = optimizer_step(run, loss + probe_loss(logits, labels), optimizer, epoch, step, args.grad_clip)
+            if not stepped:  # --accumulate-steps: this batch's gradients wait for the optimizer step
+                continue
             step += 1
             try:
                 stop = meter.update(step, loss, len(labels), lr)

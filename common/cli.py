@@ -1,7 +1,7 @@
 """Command line: the flags every method script shares, per-dataset recipes, and one-line errors.
 
 Every flag defaults to None; `resolve` fills what the command line left unset from the method's
-recipe for the dataset's family (cifar, imagenet, synthetic), then from GENERIC_DEFAULTS.
+recipe for the dataset's family (cifar, imagenet, imagenet1k, synthetic), then from GENERIC_DEFAULTS.
 """
 import argparse
 import gc
@@ -75,14 +75,18 @@ def every_n(text):
 
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "folder", "synthetic")
-RECIPE_FAMILY = {"cifar10": "cifar", "cifar100": "cifar", "stl10": "imagenet", "imagenet": "imagenet",
+RECIPE_FAMILY = {"cifar10": "cifar", "cifar100": "cifar", "stl10": "imagenet", "imagenet": "imagenet1k",
                  "imagenet100": "imagenet", "folder": "imagenet", "synthetic": "synthetic"}
+# "imagenet" is the ImageNet-100 recipe (solo-learn's scripts/pretrain/imagenet-100/). "imagenet1k" is
+# scripts/pretrain/imagenet/, which only some methods have: the others use their "imagenet" recipe on ImageNet-1k.
+FALLBACK_FAMILY = {"imagenet1k": "imagenet"}
 # What no recipe sets. STL-10 uses the ImageNet-size recipe on its native 96px images.
 GENERIC_DEFAULTS = dict(data_dir="./data", workers=min(8, os.cpu_count() or 1), seed=0, device="auto",
                         precision="auto", data_backend="torchvision", resume=None, max_steps=0, knn_every=0,
                         umap_every=0, log_every=50, log="none", channels_last=None, compile=False,
                         warmup_start_lr=3e-5, min_lr=0.0, num_large_crops=2, num_small_crops=0,
-                        small_crop_size=None, min_scale=None, invert_prob=0.0, grad_clip=0.0, train_subset=0)
+                        small_crop_size=None, min_scale=None, invert_prob=0.0, grad_clip=0.0, train_subset=0,
+                        lars_eta=0.02, lars_clip=True, accumulate_steps=1)
 DATASET_OVERRIDES = {"stl10": dict(crop_size=96)}
 BACKBONE_NAMES = ("resnet18", "resnet50", "resnet_narrow", "vit_tiny", "vit_small", "vit_base", "swin_tiny",
                   "swin_small", "swin_base", "vit_large", "swin_large", "convnext_tiny", "convnext_small",
@@ -158,6 +162,13 @@ def parser(method, doc, recipes):
     opt("--min-lr", nonneg_float, "lr at the end of the cosine")
     opt("--probe-lr", nonneg_float, "online linear probe lr (scaled like --lr)")
     opt("--grad-clip", nonneg_float, "clip the gradient norm to this value (0: off)")
+    opt("--lars-eta", positive_float, "LARS trust coefficient eta (solo-learn's optimizer.kwargs.eta; 0.02 where "
+        "no recipe sets it)")
+    opt("--lars-clip", help="LARS trust ratio clipped to min(ratio / lr, 1) (solo-learn's clip_lr; on where no "
+        "recipe sets it)", action=argparse.BooleanOptionalAction)
+    opt("--accumulate-steps", positive_int, "sum the gradients of N batches per optimizer step, as Lightning's "
+        "accumulate_grad_batches (solo-learn's ImageNet BYOL; 1 where no recipe sets it): lrs scale by batch x "
+        "processes x N / 256; steps, lr, momentum and --max-steps count optimizer steps")
     run("--seed", nonneg_int, "seed of model init, data order and augmentations")
     run("--device", help="auto picks CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
     run("--precision", help="auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU",
@@ -188,11 +199,18 @@ def check_out_dir(path):
         raise UsageError(f"--out-dir {path} cannot be created ({parent} is not a writable folder)")
 
 
+def recipe_family(dataset, recipes):
+    """The recipe a dataset gets: its family's, or the fallback family's when the script has none of that family."""
+    family = RECIPE_FAMILY[dataset]
+    return family if family in recipes else FALLBACK_FAMILY[family]
+
+
 def resolve(p, argv, method, recipes):
     """Parse argv and fill unset flags from the recipe of the dataset's family, then the generic defaults."""
     args = p.parse_args(argv)
     args.dataset = args.dataset or "synthetic"
-    filled = {**GENERIC_DEFAULTS, **recipes[RECIPE_FAMILY[args.dataset]], **DATASET_OVERRIDES.get(args.dataset, {})}
+    filled = {**GENERIC_DEFAULTS, **recipes[recipe_family(args.dataset, recipes)],
+              **DATASET_OVERRIDES.get(args.dataset, {})}
     for key, value in filled.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -46,7 +46,8 @@ class Run:
         if self.is_main:
             os.makedirs(args.out_dir, exist_ok=True)
             config = {**vars(args), "torch": torch.__version__, "world_size": self.world_size,
-                      "global_batch_size": args.batch_size * self.world_size, "resolved_precision": precision}
+                      "global_batch_size": args.batch_size * self.world_size * args.accumulate_steps,
+                      "resolved_precision": precision}
             with open(os.path.join(args.out_dir, "args.json"), "w") as f:
                 json.dump(config, f, indent=2)
             self.metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
@@ -108,8 +109,10 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def scale_lr(self, lr):
-        """Learning rates are given for a global batch of 256."""
-        return lr * self.args.batch_size * self.world_size / 256
+        """Learning rates are given for a global batch of 256, the batches an optimizer step accumulates counted:
+        solo-learn scales by batch x devices x nodes / 256 (solo/args/pretrain.py), then by accumulate_grad_batches
+        (solo/methods/base.py)."""
+        return lr * self.args.batch_size * self.world_size * self.args.accumulate_steps / 256
 
     def to_device(self, images):
         fmt = torch.channels_last if self.args.channels_last else torch.contiguous_format
@@ -175,7 +178,7 @@ class StepMeter:
         run, args = self.run, self.run.args
         self.loss_sum += loss.detach().float()
         self.steps += 1
-        self.images += batch_size * run.world_size
+        self.images += batch_size * run.world_size * run.accumulation.last_step_batches
         stop = "max_steps" if args.max_steps and step >= args.max_steps else None
         if step % args.log_every == 0:
             names = [k for k, v in extra.items() if torch.is_tensor(v)]
@@ -265,8 +268,10 @@ def build_data(args, run):
         return data.eval_loader(evaluation.Shard(dataset, run.rank, run.world_size), plain, eval_batch, args.workers,
                                 pin_memory=run.device.type == "cuda")
     labelled = val_set is not None
-    return SimpleNamespace(
-        loader=loader, num_classes=train_set.num_classes, steps_per_epoch=len(loader), train_size=len(train_set),
+    run.accumulation = Accumulation(args.accumulate_steps, len(loader))
+    return SimpleNamespace(  # steps_per_epoch counts optimizer steps
+        loader=loader, num_classes=train_set.num_classes, steps_per_epoch=run.accumulation.steps_per_epoch,
+        batches_per_epoch=len(loader), train_size=len(train_set),
         val=eval_loader(val_set) if labelled else None, knn_train=eval_loader(train_set) if labelled else None,
         val_size=len(val_set) if labelled else 0)
 
@@ -291,7 +296,10 @@ def prepare_model(model, run, trained=True):
         backbone.compile()  # in place (Module.compile): state_dict keys stay unchanged
     if run.world_size == 1 or not trained:
         return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
+                                              else None)
+    run.accumulation.watch(ddp)  # build_data made it: the batches that do not step skip the all-reduce
+    return ddp
 
 
 def probe_loss(logits, labels):
@@ -304,13 +312,70 @@ def probe_loss(logits, labels):
     return total / (labels >= 0).sum().clamp(min=1)
 
 
+class Accumulation:
+    """--accumulate-steps N with the semantics of Lightning's accumulate_grad_batches, which solo-learn's ImageNet
+    BYOL config uses: every batch runs its backward on loss / N, adding to the gradients; the optimizer steps after
+    the N-th batch of a group and after the epoch's last batch (a shorter group, still divided by N), groups counted
+    from the epoch's start. An epoch of B batches makes ceil(B / N) optimizer steps; the step counter and what it
+    drives (lr warmup and cosine, momentum tau and the momentum update, --max-steps, --log-every, resuming) count
+    optimizer steps, and the online probe's loss accumulates with the rest. Per-batch state (queues, DINO's center,
+    memory banks) is updated after every batch, as solo-learn's training_step does. The loss logged for a step is
+    its last batch's. Under DDP the batches that do not step skip the gradient all-reduce (what DDP's no_sync does):
+    the ranks' accumulated gradients are averaged once, in the backward of the stepping batch."""
+
+    def __init__(self, steps, batches_per_epoch):
+        self.steps, self.batches_per_epoch = steps, batches_per_epoch
+        self.steps_per_epoch = -(-batches_per_epoch // steps)
+        self.pending = 0  # batches whose gradients wait for the next optimizer step
+        self.batch = 0  # the last batch's number in its epoch, from 1
+        self.last_step_batches = 1  # batches that went into the last optimizer step (images/s)
+        self.ddp_models = []
+
+    def _steps_after(self, batch, pending):
+        """Whether the optimizer steps after the epoch's batch number `batch` (from 1), the pending-th of its group."""
+        return pending == self.steps or batch == self.batches_per_epoch
+
+    def watch(self, ddp):
+        """A DDP module whose gradient all-reduce waits for the batches that step (set before each forward)."""
+        ddp.require_backward_grad_sync = self._steps_after(1, 1)  # a run starts or resumes with a group's first batch
+        self.ddp_models.append(ddp)
+
+    def batch_number(self, step):
+        """A number unique to each batch of the run, before its optimizer_step: `step` itself when nothing accumulates
+        (per-batch seeds: MAE's masks, W-MSE's chunks, All4One's dropout)."""
+        return step * self.steps + self.pending
+
+    def add_batch(self, epoch, step):
+        """Count one batch of optimizer step `step` (from 0) of `epoch`; True when the optimizer steps after it.
+        Python arithmetic only: nothing is read from the device."""
+        self.pending += 1
+        self.batch = (step - epoch * self.steps_per_epoch) * self.steps + self.pending
+        stepping = self._steps_after(self.batch, self.pending)
+        if stepping:
+            self.last_step_batches, self.pending = self.pending, 0
+        return stepping
+
+    def sync_next_batch(self):
+        """After a batch's backward: whether the next batch's backward all-reduces (DDP reads it in its forward)."""
+        syncs = self._steps_after(self.batch % self.batches_per_epoch + 1, self.pending + 1)
+        for ddp in self.ddp_models:
+            ddp.require_backward_grad_sync = syncs
+
+
 def optimizer_step(run, loss, optimizer, epoch, step, grad_clip=0.0, before_step=None):
     """Backward (scaled under fp16), optional clipping and a hook (e.g. to cancel frozen gradients),
     then the step. A non-finite loss is recorded on the device (Run.watch_finite) and stops the run at the next
-    log step or checkpoint, before last.pt could hold it."""
+    log step or checkpoint, before last.pt could hold it. With --accumulate-steps N (Accumulation) only every N-th
+    batch steps: returns whether this one did; the script advances `step` and its momentum networks only then."""
     run.watch_finite(loss, epoch, step)
-    optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    accumulation = run.accumulation
+    if accumulation.pending == 0:
+        optimizer.zero_grad(set_to_none=True)
+    stepping = accumulation.add_batch(epoch, step)
+    run.scaler.scale(loss / accumulation.steps if accumulation.steps > 1 else loss).backward()
+    accumulation.sync_next_batch()
+    if not stepping:
+        return False
     if grad_clip or before_step:
         run.scaler.unscale_(optimizer)
         if before_step:
@@ -320,6 +385,7 @@ def optimizer_step(run, loss, optimizer, epoch, step, grad_clip=0.0, before_step
             torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     run.scaler.step(optimizer)
     run.scaler.update()
+    return True
 
 
 def evaluate(run, datasets, backbone, probe, epoch, final=False):

@@ -4,8 +4,9 @@ A Linear(feature_dim, classes) layer is trained on frozen features with SGD (mom
 batch 256, 100 epochs, weight decay 0, the lr divided by 10 at 60% and 80% of the epochs
 (epochs 60 and 80 of 100, solo-learn's lr_decay_steps). The lr is the one solo-learn's
 scripts/linear/imagenet-100/<method>.yaml gives the method recorded in backbone.pt (LINEAR_LR;
-0.1 for a method without a config there), for a batch of 256 and scaled by --batch-size / 256
-as solo-learn scales it; --lr overrides it. Training images get RandomResizedCrop(scale 0.08-1)
+0.1 for a method without a config there; on --dataset imagenet, scripts/linear/imagenet/<method>.yaml's lr and
+weight decay where it has one: LINEAR_IMAGENET1K), for a batch of 256 and scaled by --batch-size / 256
+as solo-learn scales it; --lr and --weight-decay override them. Training images get RandomResizedCrop(scale 0.08-1)
 + flip, validation images the plain resize/crop. --fast extracts un-augmented features once and
 trains the layer on them: many epochs cost seconds, but without augmentation the numbers are not
 the protocol's, so report which mode was used (the JSON records it).
@@ -40,6 +41,8 @@ LINEAR_LR = {"barlow_twins": 0.1, "byol": 0.3, "deepclusterv2": 0.15, "dino": 0.
              "mocov3": 0.3, "nnclr": 0.3, "ressl": 3.0, "simclr": 1.0, "simsiam": 30.0, "swav": 0.15,
              "vibcreg": 0.3, "vicreg": 0.3}
 DEFAULT_LINEAR_LR = 0.1  # methods solo-learn has no linear config for (supcon, wmse, ...): its usual SGD lr
+# (base lr, weight decay) of solo-learn's scripts/linear/imagenet/*.yaml, for --dataset imagenet (ImageNet-1k).
+LINEAR_IMAGENET1K = {"barlow_twins": (0.3, 1e-5), "byol": (0.1, 0.0), "mocov2plus": (3.0, 0.0)}
 
 
 def existing_file(path):
@@ -49,9 +52,17 @@ def existing_file(path):
     return path
 
 
-def linear_lr(method, batch_size, lr=None):
-    """(base lr for a batch of 256, lr used): --lr if given, else LINEAR_LR of the checkpoint's method."""
-    base = lr if lr is not None else LINEAR_LR.get(method, DEFAULT_LINEAR_LR)
+def linear_recipe(method, dataset):
+    """solo-learn's (base lr, weight decay) for the checkpoint's method: its ImageNet-1k config on imagenet where it
+    has one, else its ImageNet-100 lr and weight decay 0."""
+    if dataset == "imagenet" and method in LINEAR_IMAGENET1K:
+        return LINEAR_IMAGENET1K[method]
+    return LINEAR_LR.get(method, DEFAULT_LINEAR_LR), 0.0
+
+
+def linear_lr(method, batch_size, lr=None, dataset=None):
+    """(base lr for a batch of 256, lr used): --lr if given, else linear_recipe's for the checkpoint's method."""
+    base = lr if lr is not None else linear_recipe(method, dataset)[0]
     return base, base * batch_size / 256
 
 
@@ -68,8 +79,10 @@ def build_parser():
     p.add_argument("--lr", type=positive_float, default=None,
                    help="SGD learning rate for a batch of 256 (scaled by --batch-size / 256), divided by 10 at 60%% "
                         "and 80%% of the epochs [default: solo-learn's for the checkpoint's method: "
-                        + ", ".join(f"{m} {v:g}" for m, v in LINEAR_LR.items()) + f"; others {DEFAULT_LINEAR_LR}]")
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="SGD weight decay [default: %(default)s]")
+                        + ", ".join(f"{m} {v:g}" for m, v in LINEAR_LR.items()) + f"; others {DEFAULT_LINEAR_LR}; "
+                        "on imagenet " + ", ".join(f"{m} {v[0]:g}" for m, v in LINEAR_IMAGENET1K.items()) + "]")
+    p.add_argument("--weight-decay", type=nonneg_float, default=None,
+                   help="SGD weight decay [default: 0; barlow_twins on imagenet 1e-5, solo-learn's]")
     p.add_argument("--workers", type=nonneg_int, default=min(8, os.cpu_count() or 1),
                    help="data-loading processes [default: %(default)s, min(8, CPUs)]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -192,10 +205,12 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     device = dist.resolve_device(args.device)
     backbone, meta = load_backbone(args.ckpt)
-    args.base_lr, args.lr = linear_lr(meta.get("method"), args.batch_size, args.lr)
     args.dataset = args.dataset or meta.get("dataset")
     if args.dataset is None:
         raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
+    args.base_lr, args.lr = linear_lr(meta.get("method"), args.batch_size, args.lr, args.dataset)
+    if args.weight_decay is None:
+        args.weight_decay = linear_recipe(meta.get("method"), args.dataset)[1]
     torch.manual_seed(args.seed)
     train_set, val_set, num_classes = load_splits(args.dataset, args.data_dir, args.seed, args.max_train, args.fraction)
 

@@ -5,13 +5,16 @@ numbers beside the published ones.
     python reproduce/tables.py --table cifar10 --data-dir ./data              # 16 methods, one GPU
     python reproduce/tables.py --table cifar100 --methods byol simclr         # a subset
     python reproduce/tables.py --table imagenet100 --data-dir /data/imagenet100 --nproc-per-node 2
+    python reproduce/tables.py --table imagenet --data-dir /data/imagenet --nproc-per-node 2 --dry-run
 
 For each method: `<method>.py --dataset <table>` with the script's recipe for that dataset (CIFAR:
-ResNet-18 with the CIFAR stem, 1000 epochs; ImageNet-100: the ImageNet-size recipe), under torchrun
+ResNet-18 with the CIFAR stem, 1000 epochs; ImageNet-100: the ImageNet-size recipe; ImageNet-1k: solo-learn's
+scripts/pretrain/imagenet/ recipe, ResNet-50, with BYOL's 16 accumulated batches per step), under torchrun
 when --nproc-per-node > 1, then `eval/linear.py` (solo-learn's offline protocol: 100 epochs, SGD,
 augmented images). The table compares both of our numbers, the online probe at the end of pretraining
 (the protocol of the published CIFAR numbers and of the unbracketed ImageNet-100 ones) and the offline
-linear evaluation (the bracketed ImageNet-100 numbers), with the published ones.
+linear evaluation (the bracketed ImageNet-100 numbers; on ImageNet-1k with scripts/linear/imagenet/'s lr and
+weight decay), with the published ones.
 
 Runs go to --out-dir/<table>/<method>/, the table to --out-dir/<table>.md and .json. Rerunning the
 same command resumes: a method whose linear.json exists is not rerun, one whose backbone.pt exists is
@@ -87,13 +90,24 @@ PUBLISHED = {
         "mocov3": {"online": (80.36, 95.18), "linear": (80.36, 94.96)},
         "vibcreg": {"online": (79.86, 94.98), "linear": (79.38, 94.60)},
     },
+    # ImageNet-1k, ResNet-50, 100 epochs: solo-learn's README (its "ImageNet" table), online and offline.
+    "imagenet": {
+        "barlow_twins": {"online": (67.18, 87.69), "linear": (67.23, 87.98)},
+        "byol": {"online": (68.63, 88.80), "linear": (68.37, 88.66)},
+        "mocov2plus": {"online": (62.61, 85.40), "linear": (66.84, 87.60)},
+    },
 }
 TITLES = {"cifar10": "CIFAR-10, ResNet-18 (CIFAR stem), 1000 epochs",
           "cifar100": "CIFAR-100, ResNet-18 (CIFAR stem), 1000 epochs",
-          "imagenet100": "ImageNet-100, ResNet-18, the ImageNet-size recipe (400 epochs in solo-learn)"}
-PUBLISHED_EPOCHS = {"cifar10": 1000, "cifar100": 1000, "imagenet100": 400}
-# solo-learn's published runs all use a global batch of 256 (CIFAR: 256 on one GPU; ImageNet-100: 2 x 128).
+          "imagenet100": "ImageNet-100, ResNet-18, the ImageNet-size recipe (400 epochs in solo-learn)",
+          "imagenet": "ImageNet-1k, ResNet-50, solo-learn's scripts/pretrain/imagenet/ recipes, 100 epochs"}
+PUBLISHED_EPOCHS = {"cifar10": 1000, "cifar100": 1000, "imagenet100": 400, "imagenet": 100}
+# The published row of MoCo V2+ on ImageNet-1k is 100 epochs; its HEAD yaml (our recipe) says 400.
+EPOCHS = {("imagenet", "mocov2plus"): 100}
+# solo-learn's published CIFAR and ImageNet-100 runs use a global batch of 256 (CIFAR: 256 on one GPU;
+# ImageNet-100: 2 x 128); its ImageNet-1k yamls 64 per GPU on 2 GPUs (BYOL, MoCo V2+) or 4 (Barlow Twins).
 GLOBAL_BATCH = 256
+GLOBAL_BATCH_IMAGENET1K = {"barlow_twins": 64 * 4, "byol": 64 * 2, "mocov2plus": 64 * 2}
 
 
 def build_parser():
@@ -107,8 +121,9 @@ def build_parser():
                    help="runs go to OUT_DIR/<table>/<method>, the table to OUT_DIR/<table>.md [default: %(default)s]")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="GPUs (processes) per pretraining run; above 1 it runs under torchrun [default: %(default)s]")
-    p.add_argument("--global-batch-size", type=int, default=GLOBAL_BATCH,
-                   help="batch over all processes; each gets GLOBAL / nproc [default: %(default)s, solo-learn's]")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="batch over all processes; each gets GLOBAL / nproc [default: solo-learn's: 256; on imagenet "
+                        "64 x its GPUs: " + ", ".join(f"{m} {b}" for m, b in GLOBAL_BATCH_IMAGENET1K.items()) + "]")
     p.add_argument("--epochs", type=int, default=None,
                    help="override the recipes' pretraining epochs, for a quick check [default: the recipe's]")
     p.add_argument("--pretrain-args", default="",
@@ -132,9 +147,11 @@ def parse_args(argv):
         args.methods = list(dict.fromkeys(chosen))  # keep the order given, drop repeats
     if args.nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node must be 1 or more, got {args.nproc_per_node}")
-    if args.global_batch_size < 1 or args.global_batch_size % args.nproc_per_node:
-        raise UsageError(f"--global-batch-size {args.global_batch_size} must be a positive multiple of "
-                         f"--nproc-per-node {args.nproc_per_node}")
+    for method in args.methods:
+        batch = global_batch(args, method)
+        if batch < 1 or batch % args.nproc_per_node:
+            raise UsageError(f"global batch {batch} ({method}) must be a positive multiple of --nproc-per-node "
+                             f"{args.nproc_per_node}: pass --global-batch-size")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be positive, got {args.epochs}")
     try:
@@ -165,6 +182,12 @@ def python():
     return same_environment("python") or sys.executable
 
 
+def global_batch(args, method):
+    if args.global_batch_size is not None:
+        return args.global_batch_size
+    return GLOBAL_BATCH_IMAGENET1K.get(method, GLOBAL_BATCH) if args.table == "imagenet" else GLOBAL_BATCH
+
+
 def pretrain_command(args, method):
     if args.nproc_per_node == 1:
         launcher = [python()]
@@ -174,9 +197,9 @@ def pretrain_command(args, method):
         launcher += ["--standalone", f"--nproc_per_node={args.nproc_per_node}"]
     command = [*launcher, shown(str(ROOT / f"{method}.py")), "--dataset", args.table, "--data-dir", args.data_dir,
                "--out-dir", str(run_dir(args, method)),
-               "--batch-size", str(args.global_batch_size // args.nproc_per_node)]
-    if args.epochs:
-        command += ["--epochs", str(args.epochs)]
+               "--batch-size", str(global_batch(args, method) // args.nproc_per_node)]
+    if epochs := args.epochs or EPOCHS.get((args.table, method)):
+        command += ["--epochs", str(epochs)]
     return command + args.pretrain_args
 
 
@@ -293,9 +316,10 @@ def table(args, notes):
         "trained during pretraining, at its end; linear: offline linear evaluation (eval/linear.py).", "",
         "| Method | online, published | online, ours | linear, published | linear, ours | notes |",
         "|---|---|---|---|---|---|", *rows, "",
-        "Published: solo-learn (Turrisi da Costa et al., JMLR 2022), Table 1"
-        + ("; SupCon's top-1 from solo-learn's README (not in Table 1)" if args.table != "imagenet100" else "")
-        + "; All4One, MoCo V3 and VIbCReg (added after the paper) from solo-learn's README.",
+        ("Published: solo-learn's README, its ImageNet table." if args.table == "imagenet" else
+         "Published: solo-learn (Turrisi da Costa et al., JMLR 2022), Table 1"
+         + ("; SupCon's top-1 from solo-learn's README (not in Table 1)" if args.table != "imagenet100" else "")
+         + "; All4One, MoCo V3 and VIbCReg (added after the paper) from solo-learn's README."),
         ""])
     return text, {"table": args.table, "title": TITLES[args.table], "methods": data}
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from common import optim
 from common.cli import UsageError
-from common.run import optimizer_step
+from common.run import Accumulation, optimizer_step
 from conftest import TINY, read_metrics, run_script, step_losses, torchrun
 from dino import (DINO, RECIPES, VIT_OVERRIDES, DINOHead, NormalizedLinear, cancel_last_layer_grad, dino_loss,
                   parse_args, set_weight_decay, teacher_temperature, update_center)
@@ -130,8 +130,9 @@ def test_normalized_linear_is_weight_norm_with_g_fixed_at_1():
 
 
 def fake_run():
-    """What optimizer_step uses of a Run: the scaler and the device-side non-finite check (a no-op here)."""
-    return SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *args: None)
+    """What optimizer_step uses of a Run: the scaler, the non-finite check (a no-op here), no accumulation."""
+    return SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *args: None,
+                           accumulation=Accumulation(1, 1))
 
 
 @pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])

@@ -1,7 +1,8 @@
 """Every recipe default against solo-learn HEAD (9187ea3), field by field.
 
 SOLO below writes out, per method, what solo-learn's configs and code set for the CIFAR recipe
-(scripts/pretrain/cifar/<file>) and the ImageNet-size recipe (scripts/pretrain/imagenet-100/<file>),
+(scripts/pretrain/cifar/<file>), the ImageNet-size recipe (scripts/pretrain/imagenet-100/<file>) and, for the
+methods solo-learn has one for, the ImageNet-1k recipe (scripts/pretrain/imagenet/<file>),
 under our field names (the solo-learn key is in the comment where it differs), with the defaults its
 code fills in for keys a yaml leaves unset (solo/methods/*.py `add_and_assert_specific_cfg`,
 solo/methods/base.py, solo/args/pretrain.py). Each script's resolved recipe (its RECIPES entry over
@@ -10,7 +11,7 @@ Adding a method is one SOLO entry; a method whose script does not exist yet is s
 
 Batch size: solo-learn's imagenet-100 yamls run 128 per GPU on 2 GPUs with SyncBatchNorm, a global
 batch of 256 (solo/args/pretrain.py scales the lr by batch_size * len(devices) / 256). Our recipes
-give the global batch on one process; `128 * 2` below says so.
+give the global batch on one process; `128 * 2` below says so. Its imagenet yamls run 64 per GPU on 2 or 4 GPUs.
 """
 import functools
 import importlib.util
@@ -25,34 +26,49 @@ from common.augment import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 FIDELITY = ROOT / "docs" / "fidelity.md"
-FAMILIES = {"cifar": "cifar", "imagenet": "imagenet-100"}  # our recipe family -> solo-learn's scripts folder
+# our recipe family -> solo-learn's scripts folder
+FAMILIES = {"cifar": "cifar", "imagenet": "imagenet-100", "imagenet1k": "imagenet"}
 
 # What every method shares unless its yaml says otherwise: solo/methods/base.py (scheduler.warmup_epochs 10,
 # warmup_start_lr 3e-5, min_lr 0.0), no gradient clipping, 2 large crops and no small ones (the augmentation
 # files), ResNet-18, the yamls' max_epochs, optimizer.batch_size, optimizer.classifier_lr and crop_size.
+# LARS (solo/args/pretrain.py's defaults under the yamls' optimizer.kwargs): eta and clip_lr, and no gradient
+# accumulation (base.py's accumulate_grad_batches 1).
 SHARED = dict(backbone="resnet18", warmup_epochs=10, warmup_start_lr=3e-5, min_lr=0.0, probe_lr=0.1, grad_clip=0.0,
-              num_large_crops=2, num_small_crops=0)
+              num_large_crops=2, num_small_crops=0, lars_eta=0.02, lars_clip=True, accumulate_steps=1)
 CIFAR = dict(SHARED, epochs=1000, batch_size=256, crop_size=32)
 IMAGENET = dict(SHARED, epochs=400, batch_size=128 * 2, crop_size=224)
+IMAGENET1K = dict(SHARED, backbone="resnet50", epochs=100, crop_size=224)
 
 
-def facts(both, cifar=(), imagenet=()):
+def facts(both, cifar=(), imagenet=(), imagenet1k=None):
     """Per-family facts: the family's shared ones, then the method's for both families, then per family.
-    imagenet=None: solo-learn has no scripts/pretrain/imagenet-100/ config for the method (not compared)."""
+    imagenet=None: solo-learn has no scripts/pretrain/imagenet-100/ config for the method (not compared).
+    imagenet1k: the scripts/pretrain/imagenet/ config's facts, complete (most methods have none: None)."""
     return {"cifar": {**CIFAR, **both, **dict(cifar)},
-            "imagenet": None if imagenet is None else {**IMAGENET, **both, **dict(imagenet)}}
+            "imagenet": None if imagenet is None else {**IMAGENET, **both, **dict(imagenet)},
+            "imagenet1k": None if imagenet1k is None else {**IMAGENET1K, **imagenet1k}}
 
 
 SOLO = {
     "barlow_twins": facts(dict(  # barlow.yaml
         optimizer="lars", lr=0.3, weight_decay=1e-4, preset="asymmetric", proj_hidden_dim=2048, proj_output_dim=2048,
         lamb=0.0051,  # method default (the yaml leaves it unset)
-        scale_loss=0.1)),
+        scale_loss=0.1),
+        imagenet1k=dict(  # imagenet/barlow.yaml: 64 per GPU on 4 GPUs; optimizer.kwargs eta, clip_lr
+            batch_size=64 * 4, optimizer="lars", lr=0.8, weight_decay=1.5e-6, lars_eta=0.001, lars_clip=False,
+            preset="asymmetric", proj_hidden_dim=4096, proj_output_dim=4096, lamb=0.0051, scale_loss=0.048)),
     "byol": facts(dict(  # byol.yaml
         optimizer="lars", preset="asymmetric", proj_hidden_dim=4096, proj_output_dim=256,
         base_tau=0.99, final_tau=1.0),  # momentum.base_tau, momentum.final_tau
         cifar=dict(lr=1.0, weight_decay=1e-5, pred_hidden_dim=4096),
-        imagenet=dict(lr=0.5, weight_decay=1e-6, pred_hidden_dim=8192)),
+        imagenet=dict(lr=0.5, weight_decay=1e-6, pred_hidden_dim=8192),
+        imagenet1k=dict(  # imagenet/byol.yaml: 64 per GPU on 2 GPUs, accumulate_grad_batches 16
+            batch_size=64 * 2, accumulate_steps=16, optimizer="lars", lr=0.45, probe_lr=0.2, weight_decay=1e-6,
+            lars_eta=0.001, lars_clip=False,
+            warmup_start_lr=3e-5 * 16,  # base.py multiplies warmup_start_lr (and min_lr 0) by accumulate_grad_batches
+            preset="asymmetric", proj_hidden_dim=4096, proj_output_dim=256, pred_hidden_dim=4096, base_tau=0.99,
+            final_tau=1.0)),
     "deepclusterv2": facts(dict(  # deepclusterv2.yaml
         optimizer="lars", lr=0.6, weight_decay=1e-6, preset="symmetric", proj_hidden_dim=2048, proj_output_dim=128,
         warmup_epochs=11, warmup_start_lr=0.0, min_lr=6e-4,  # scheduler.warmup_epochs, warmup_start_lr, min_lr
@@ -70,7 +86,11 @@ SOLO = {
     "mocov2plus": facts(dict(  # mocov2plus.yaml
         optimizer="sgd", lr=0.3, probe_lr=0.3, weight_decay=1e-4, preset="symmetric_weak", temperature=0.2,
         proj_hidden_dim=2048, proj_output_dim=256, base_tau=0.99, final_tau=0.999),
-        cifar=dict(queue_size=32768), imagenet=dict(queue_size=65536)),
+        cifar=dict(queue_size=32768), imagenet=dict(queue_size=65536),
+        imagenet1k=dict(  # imagenet/mocov2plus.yaml: 64 per GPU on 2 GPUs
+            epochs=400, batch_size=64 * 2, optimizer="sgd", lr=0.3, probe_lr=0.4, weight_decay=3e-5,
+            preset="symmetric_weak", temperature=0.2, proj_hidden_dim=2048, proj_output_dim=256, queue_size=65536,
+            base_tau=0.99, final_tau=0.999)),
     "nnclr": facts(dict(  # nnclr.yaml
         optimizer="lars", lr=0.4, weight_decay=1e-5, preset="asymmetric", temperature=0.2, proj_hidden_dim=2048,
         proj_output_dim=256, pred_hidden_dim=4096, queue_size=65536)),
@@ -122,7 +142,12 @@ SOLO = {
         decoder_num_heads=16, norm_pix_loss=True,
         probe_unmasked=False),  # solo/methods/mae.py forward: the classifier reads the masked pass's features
         cifar=dict(backbone="vit_small"),  # backbone.kwargs patch_size 4, img_size 32: common.backbones' rule
-        imagenet=dict(backbone="vit_base", warmup_start_lr=0.0)),
+        imagenet=dict(backbone="vit_base", warmup_start_lr=0.0),
+        imagenet1k=dict(  # imagenet/mae.yaml: 64 per GPU on 2 GPUs; its momentum section is unused (no momentum net)
+            backbone="vit_base", epochs=400, batch_size=64 * 2, warmup_start_lr=0.0, optimizer="adamw", lr=2e-4,
+            probe_lr=2e-4, weight_decay=0.05, betas=(0.9, 0.95), exclude_bias_norm_wd=False, preset="reconstruction",
+            num_large_crops=1, mask_ratio=0.75, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+            norm_pix_loss=True, probe_unmasked=False)),
     "vibcreg": facts(dict(  # vibcreg.yaml (augmentations inline in cifar/, vicreg.yaml in imagenet-100/)
         optimizer="lars", lr=0.3, weight_decay=1e-4, preset="vicreg", proj_hidden_dim=2048, proj_output_dim=2048,
         sim_coeff=25.0, std_coeff=25.0, cov_coeff=200.0,  # sim_loss_weight, var_loss_weight, cov_loss_weight
@@ -174,6 +199,8 @@ PRESET_FILES = {  # (preset, crop size): (large pipelines in view order, small p
 SOLO_LINEAR_LR = {"barlow_twins": 0.1, "byol": 0.3, "deepclusterv2": 0.15, "dino": 0.3, "mocov2plus": 3.0,
                   "mocov3": 0.3, "nnclr": 0.3, "ressl": 3.0, "simclr": 1.0, "simsiam": 30.0, "swav": 0.15,
                   "vibcreg": 0.3, "vicreg": 0.3}
+# (optimizer.lr, optimizer.weight_decay) of scripts/linear/imagenet/<file> (batch 256 on one GPU, the same schedule).
+SOLO_LINEAR_IMAGENET1K = {"barlow_twins": (0.3, 1e-5), "byol": (0.1, 0.0), "mocov2plus": (3.0, 0.0)}
 
 
 @functools.cache
@@ -221,7 +248,8 @@ def shown(value):
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-CASES = [(method, family) for method in SOLO for family in FAMILIES]
+CASES = [(method, family) for method in SOLO for family in FAMILIES
+         if family != "imagenet1k" or SOLO[method]["imagenet1k"] is not None]  # imagenet1k: 4 methods
 
 
 def solo_facts(method, family):
@@ -254,6 +282,17 @@ def test_recipe_reproduces_solo_learn_or_lists_the_departure(method, family):
     assert not problems, f"{method} {family}:\n" + "\n".join(problems)
 
 
+def test_imagenet1k_recipes_are_exactly_solo_learns_imagenet_configs():
+    """A script has an imagenet1k recipe iff solo-learn has scripts/pretrain/imagenet/<file> for it; --dataset
+    imagenet gives it, and the imagenet (ImageNet-100) recipe to every other method."""
+    for method in SOLO:
+        if (ROOT / f"{method}.py").exists():
+            recipes = _recipes(method)
+            assert ("imagenet1k" in recipes) == (SOLO[method]["imagenet1k"] is not None), method
+            assert cli.recipe_family("imagenet", recipes) == ("imagenet1k" if "imagenet1k" in recipes else "imagenet")
+            assert cli.recipe_family("imagenet100", recipes) == "imagenet"
+
+
 def test_every_listed_departure_is_real():
     """A row naming a recipe field whose value now matches solo-learn is stale: delete it."""
     assert fidelity_rows(), "docs/fidelity.md has no departures table"
@@ -263,8 +302,9 @@ def test_every_listed_departure_is_real():
             if method not in SOLO or not (ROOT / f"{method}.py").exists():
                 continue
             for family in row["families"]:
-                solo = SOLO[method][family] or {}
-                ours = resolved(method, family)
+                if SOLO[method][family] is None:  # no solo-learn config of this family to compare with
+                    continue
+                solo, ours = SOLO[method][family], resolved(method, family)
                 for field in row["fields"]:
                     if field in solo and ours.get(field) == solo[field]:
                         stale.append(f"{method} {field} ({FAMILIES[family]}): {row['line']}")
@@ -309,5 +349,10 @@ def test_linear_eval_defaults_match_solo_learns_linear_configs():
     spec.loader.exec_module(linear)
     assert linear.LINEAR_LR == SOLO_LINEAR_LR and linear.DEFAULT_LINEAR_LR == 0.1
     args = linear.build_parser().parse_args(["--ckpt", __file__])  # any existing file parses
-    assert (args.batch_size, args.epochs, args.weight_decay) == (256, 100, 0.0)
+    assert (args.batch_size, args.epochs) == (256, 100)
+    for method in SOLO:
+        for dataset in ("imagenet100", "imagenet", "cifar10"):
+            imagenet1k = dataset == "imagenet" and method in SOLO_LINEAR_IMAGENET1K
+            expected = SOLO_LINEAR_IMAGENET1K[method] if imagenet1k else (SOLO_LINEAR_LR.get(method, 0.1), 0.0)
+            assert linear.linear_recipe(method, dataset) == expected, (method, dataset)
     assert [linear.step_lr(1.0, e, 100) for e in (59, 60, 79, 80)] == pytest.approx([1.0, 0.1, 0.1, 0.01])

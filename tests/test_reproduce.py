@@ -72,6 +72,22 @@ def test_dry_run_imagenet100_under_torchrun(tmp_path):
     assert not any("supcon" in l for l in lines)
 
 
+def test_dry_run_imagenet_1k_uses_solo_learns_per_gpu_batch(tmp_path):
+    """scripts/pretrain/imagenet/: 64 images per GPU on 2 GPUs (BYOL, MoCo V2+) or 4 (Barlow Twins), the rest
+    (ResNet-50, BYOL's 16 accumulated batches, LARS eta) from the scripts' imagenet1k recipes."""
+    lines = dry_run("--table", "imagenet", "--nproc-per-node", "2", "--data-dir", "/data/in1k", out_dir=tmp_path)
+    commands = [l for l in lines if not l.startswith("#")]
+    pretrain = {m: [l for l in commands if f"{m}.py --dataset imagenet --data-dir /data/in1k " in l]
+                for m in ("barlow_twins", "byol", "mocov2plus")}
+    assert all(len(found) == 1 for found in pretrain.values()) and len(commands) == 6, lines
+    assert "--batch-size 64" in pretrain["byol"][0] and "--epochs" not in pretrain["byol"][0]  # 2 x 64
+    assert "--batch-size 128" in pretrain["barlow_twins"][0]  # 4 x 64 over 2 processes
+    assert "--batch-size 64 --epochs 100" in pretrain["mocov2plus"][0]  # the published row's epochs, not 400
+    for method in pretrain:
+        linear = [l for l in commands if "linear.py" in l and f"/{method}/" in l]
+        assert len(linear) == 1 and "--dataset imagenet " in linear[0]  # eval/linear.py: imagenet's lr and wd
+
+
 def test_dry_run_shows_what_resuming_skips(tmp_path):
     done, pretrained, partial = (tmp_path / "cifar10" / m for m in ("byol", "simclr", "swav"))
     for folder in (done, pretrained, partial):
@@ -113,6 +129,10 @@ def test_published_numbers():
     assert set(tables.NAMES) == set(tables.METHODS) == set(ALL) | {"nnbyol", "nnsiam", "mae"}
     assert tables.PUBLISHED["cifar10"]["all4one"]["online"] == (93.24, 99.88)
     assert tables.PUBLISHED["imagenet100"]["mocov3"] == {"online": (80.36, 95.18), "linear": (80.36, 94.96)}
+    assert tables.PUBLISHED["imagenet"]["byol"] == {"online": (68.63, 88.80), "linear": (68.37, 88.66)}
+    assert tables.PUBLISHED["imagenet"]["barlow_twins"] == {"online": (67.18, 87.69), "linear": (67.23, 87.98)}
+    assert set(tables.PUBLISHED["imagenet"]) == {"barlow_twins", "byol", "mocov2plus"} and \
+        tables.PUBLISHED_EPOCHS["imagenet"] == 100
 
 
 # ---- a whole run against a fake repository ----
@@ -237,7 +257,7 @@ def test_a_preempted_pretraining_stops_and_resumes(fake, monkeypatch, capsys):
     (["--nproc-per-node", "0"], "--nproc-per-node must be 1 or more"),
     (["--epochs", "0"], "--epochs must be positive"),
     (["--pretrain-args", "--workers '4"], "cannot split"),
-    (["--table", "imagenet"], "invalid choice"),
+    (["--table", "imagenet1k"], "invalid choice"),
 ])
 def test_bad_arguments(tmp_path, capsys, extra, message):
     argv = ["--table", "cifar10", "--dry-run", "--out-dir", str(tmp_path), *extra]

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from common import optim
 from common.backbones import build_backbone
 from common.cli import UsageError
-from common.run import optimizer_step
+from common.run import Accumulation, optimizer_step
 from conftest import TINY, read_metrics, run_script, step_losses, torchrun
 from dist_swav import inputs
 from swav import MULTICROP_MIN_LR, SwAV, parse_args, sinkhorn_knopp, swav_loss
@@ -169,7 +169,8 @@ def test_frozen_prototypes_then_trained(name):
     groups = optim.param_groups(torch.nn.ModuleList([model.backbone, model.projector, model.prototypes]), 1e-3,
                                 exclude_1d=name == "lars")
     opt = optim.build_optimizer(name, groups, 0.1, 1e-3)
-    run = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *args: None)
+    run = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *args: None,
+                          accumulation=Accumulation(1, 1))
     freeze = lambda: setattr(model.prototypes.weight, "grad", None)
     views = [torch.randn(8, 3, 2, 2) for _ in range(2)]
     for hook in (freeze, freeze, None, None):  # epochs 0 and 1 frozen, then trained
