@@ -210,7 +210,13 @@ def test_eval_data_defaults_and_result_names(tmp_path):
     assert checkpoint.eval_data("b.pt", meta, "cifar10", "/d") == ("cifar10", "/d", "-cifar10")
     cifar = {"dataset": "cifar10", "data_dir": "/data"}  # a torchvision set is the same set wherever it lies
     assert checkpoint.eval_data("b.pt", cifar, None, "/elsewhere") == ("cifar10", "/elsewhere", "")
-    assert checkpoint.eval_data("b.pt", {"dataset": "folder"}) == ("folder", "./data", "")  # written before data_dir
+    # A backbone.pt written before data_dir was recorded: the args.json beside it, for the run's dataset only.
+    old = tmp_path / "old" / "backbone.pt"
+    old.parent.mkdir()
+    assert checkpoint.eval_data(old, {"dataset": "folder"}) == ("folder", "./data", "")
+    (old.parent / "args.json").write_text(json.dumps({"dataset": "folder", "data_dir": "/photos"}))
+    assert checkpoint.eval_data(old, {"dataset": "folder"}) == ("folder", "/photos", "")
+    assert checkpoint.eval_data(old, {"dataset": "folder"}, "synthetic") == ("synthetic", "./data", "-synthetic")
     with pytest.raises(UsageError, match="b.pt does not name its dataset: pass --dataset"):
         checkpoint.eval_data("b.pt", {})
 
