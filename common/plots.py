@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot is imported: no display needed (clusters, CI, ssh)
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -109,6 +110,7 @@ def curves_png(runs, path, title=None):
                         label=label)
                 drawn[key] += 1
         ax.set_xlabel("epoch (from 0, as logged)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))  # no epoch 0.25
         ax.set_title(name)
         ax.grid(alpha=0.3)
         if drawn[key]:

@@ -56,9 +56,11 @@ def run(argv=None):
     args = build_parser().parse_args(argv)  # numbers are range-checked by their types
     device = dist.resolve_device(args.device)
     backbone, meta = load_backbone(args.ckpt)
+    if args.out:  # before anything else: a picture nobody can write is lost
+        checkpoint.check_output_file(args.out, inputs=[args.ckpt])
     args.dataset, args.data_dir, tag = checkpoint.eval_data(args.ckpt, meta, args.dataset, args.data_dir)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"umap{tag}-{args.split}.png")
-    checkpoint.check_output_file(out, inputs=[args.ckpt])  # before the features: a picture nobody can write is lost
+    checkpoint.check_output_file(out, inputs=[args.ckpt])  # before the features
     dataset = data.load_dataset(args.dataset, args.data_dir, args.split, args.seed)
     if dataset is None:
         raise UsageError(f"{args.data_dir} has no val/ folder: pass --split train")
