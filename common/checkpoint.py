@@ -256,9 +256,9 @@ def eval_data(ckpt, meta, dataset=None, data_dir=None):
     """(dataset, data_dir, tag) of an eval/ tool from its --dataset, --data-dir and backbone.pt's metadata.
 
     --dataset defaults to the run's; --data-dir to the run's (recorded in backbone.pt, or in the args.json beside
-    it) when the dataset is the run's, else ./data. tag is "" when the data is the run's own, else "-<dataset>" (plus "-<folder name>" for a
-    folder dataset read from another folder): the tools name their default result files with it (knn<tag>.json),
-    so an evaluation on other data never replaces the run's."""
+    it) when the dataset is the run's, else ./data. tag is "" when the data is the run's own, else "-<dataset>"
+    (plus "-<folder name>" for a folder dataset read from another folder): the tools name their default result
+    files with it (knn<tag>.json), so an evaluation on other data never replaces the run's."""
     own = dataset is None or dataset == meta.get("dataset")
     dataset = dataset or meta.get("dataset")
     if dataset is None:

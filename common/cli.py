@@ -87,7 +87,10 @@ GENERIC_DEFAULTS = dict(data_dir="./data", workers=min(8, os.cpu_count() or 1), 
 DATASET_OVERRIDES = {"stl10": dict(crop_size=96)}  # under the dataset's own recipe family only
 SMALL_IMAGE_SIDE = 64  # a folder whose first images are at most this many pixels on a side gets the cifar recipe
 BACKBONE_NAMES = ("resnet18", "resnet50", "resnet_narrow", "vit_tiny", "vit_small", "vit_base", "swin_tiny",
-                  "swin_small", "swin_base")  # common.backbones.BACKBONES; its test checks they agree
+                  "swin_small", "swin_base", "vit_large", "swin_large", "convnext_tiny", "convnext_small",
+                  "convnext_base", "convnext_large", "poolformer_s12", "poolformer_s24", "poolformer_s36",
+                  "poolformer_m36", "poolformer_m48", "wide_resnet28w2",
+                  "wide_resnet28w8")  # common.backbones.BACKBONES; tests/test_backbones.py checks they agree
 
 
 class Parser(argparse.ArgumentParser):
@@ -144,8 +147,9 @@ def parser(method, doc, recipes):
     data("--small-crop-size", int_at_least(8), "small crop size [default: 18 for 32px crops, 96 for 224px]")
     data("--min-scale", fraction, "smallest area fraction of a large crop [default: the preset's, 0.08 or 0.2]")
     data("--invert-prob", probability, "probability that a view is colour-inverted (1 - x), after the preset's steps")
-    model("--backbone", help="resnet18, resnet50, resnet_narrow, vit_tiny/small/base, swin_tiny/small/base",
-          choices=BACKBONE_NAMES)
+    model("--backbone", help="resnet18, resnet50, resnet_narrow, vit_tiny/small/base/large, "
+                             "swin_tiny/small/base/large, convnext_tiny/small/base/large, "
+                             "poolformer_s12/s24/s36/m36/m48, wide_resnet28w2/w8", choices=BACKBONE_NAMES)
     model("--channels-last", help="channels_last memory format [default: on for ResNets]",
           action=argparse.BooleanOptionalAction)
     model("--compile", help="torch.compile the backbone (and the momentum network) [default: off]",

@@ -356,6 +356,22 @@ def load_dataset(name, data_dir, split, seed=0):
     raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
 
 
+def class_balanced_subset(labels, fraction, seed):
+    """Sorted indexes of a class-balanced `fraction` of a labelled set (the 1% / 10% protocols of the SSL papers):
+    round(fraction * n_c) images of each class c with n_c images (halves to even, at least one), drawn at random
+    from a generator seeded with `seed` alone, so the same seed gives the same subset in every process and on every
+    rerun. Unlabelled images (label -1) are never chosen; fraction 1 keeps every labelled image."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = order[labels[order] >= 0]
+    by_class = order[torch.sort(labels[order], stable=True).indices]  # classes in turn, shuffled within each
+    counts = torch.bincount(labels[by_class])
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_class = torch.arange(len(by_class)) - starts[labels[by_class]]
+    keep = (counts * fraction).round().clamp(min=1).long()
+    return by_class[rank_in_class < keep[labels[by_class]]].sort().values
+
+
 def mix_seed(*values):
     """A 63-bit seed that is a stable function of `values` (same in every process and run)."""
     digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()

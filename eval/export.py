@@ -5,12 +5,16 @@
     python eval/export.py --ckpt runs/byol-imagenet100/backbone.pt --format detectron2 --out byol_r18.pkl
 
 torchvision: a plain state dict that loads with strict=True into the untouched stock model
-  (`torchvision.models.resnet18()` / `resnet50()`). It includes an fc layer of zeros (1000 classes),
-  since the backbone was trained without one: replace it to classify, or set `model.fc = nn.Identity()`
-  after loading to get features. --no-fc leaves it out (then set `model.fc = nn.Identity()` first).
+  (`torchvision.models.resnet18()` / `resnet50()`, `convnext_tiny()` ... `convnext_large()`). It includes a
+  classifier of zeros (1000 classes; ConvNeXt's classifier[2]), since the backbone was trained without one:
+  replace it to classify, or set `model.fc = nn.Identity()` (`model.classifier[2] = nn.Identity()`) after
+  loading to get features. --no-fc leaves it out (then set the Identity first). ConvNeXt keys are renamed
+  from timm's (stages.1.blocks.0.conv_dw -> features.3.0.block.0, gamma -> layer_scale, ...).
 timm: a plain state dict for `timm.create_model(name, num_classes=0)`: "resnet18"/"resnet50" (same
-  key names as torchvision), or the ViT/Swin the backbone already is, created with the keyword
-  arguments written in the metadata (patch and window sizes differ below 64px).
+  key names as torchvision), or the ViT/Swin/ConvNeXt/PoolFormer the backbone already is, created with the
+  keyword arguments written in the metadata (patch, window and stem sizes differ below 64px).
+WideResNet-28 (wide_resnet28w2/w8) and resnet_narrow have no stock model: load their backbone.pt with
+  common.backbones.load_backbone.
 detectron2: a pickle {"model": {name: numpy array}, "__author__": ..., "matching_heuristics": True}
   with Detectron2's ResNet names (stem.conv1.norm.*, res2.0.conv1.weight, res2.0.shortcut.norm.*, ...),
   as Detectron2's tools/convert-torchvision-to-d2.py writes them. ResNet-18/50 with the ImageNet stem
@@ -22,6 +26,8 @@ stride 1 and padding 2 (no bias), and there is no max-pool. A stock model needs 
 loading:
     model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
     model.maxpool = torch.nn.Identity()
+A ConvNeXt trained under 64px has a 1x1 stride-1 stem: torchvision's model needs
+    model.features[0][0] = torch.nn.Conv2d(3, <first width>, kernel_size=1)
 
 Next to the weights, FILE.json records the metadata (method, dataset, image size, stem, input
 normalization, fc) and the exact loading code; the same code is printed after the export.
@@ -46,6 +52,8 @@ from common.cli import Parser, RunError, UsageError, run_main  # noqa: E402
 FORMATS = ("torchvision", "timm", "detectron2")
 # The ResNets that exist as stock torchvision, timm and Detectron2 models (resnet_narrow does not).
 STOCK_RESNETS = {"resnet18": 18, "resnet50": 50}
+# The timm models torchvision also has, with other key names (torchvision's ViT and Swin: not exported).
+TORCHVISION_CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
 DEFAULT_NAMES = {"torchvision": "backbone_torchvision.pth", "timm": "backbone_timm.pth",
                  "detectron2": "backbone_detectron2.pkl"}
 IMAGENET_CLASSES = 1000  # the stock models' fc width
@@ -98,6 +106,37 @@ def detectron2_name(key):
     raise ValueError(f"no Detectron2 name for ResNet key '{key}'")
 
 
+_CONVNEXT_BLOCK = {"conv_dw": "block.0", "norm": "block.2", "mlp.fc1": "block.3", "mlp.fc2": "block.5"}
+
+
+def torchvision_convnext_name(key):
+    """timm ConvNeXt key -> torchvision ConvNeXt key: stage i is features[2i+1], the downsampling before it
+    features[2i], the stem features[0], the head's norm classifier[0]. Unknown keys raise ValueError."""
+    if match := re.fullmatch(r"stem\.([01])\.(weight|bias)", key):
+        return f"features.0.{match[1]}.{match[2]}"
+    if match := re.fullmatch(r"stages\.([1-3])\.downsample\.([01])\.(weight|bias)", key):
+        return f"features.{2 * int(match[1])}.{match[2]}.{match[3]}"
+    if match := re.fullmatch(r"stages\.([0-3])\.blocks\.(\d+)\.(.+)", key):
+        prefix = f"features.{2 * int(match[1]) + 1}.{match[2]}"
+        if match[3] == "gamma":
+            return f"{prefix}.layer_scale"
+        layer, _, param = match[3].rpartition(".")
+        if layer in _CONVNEXT_BLOCK and param in ("weight", "bias"):
+            return f"{prefix}.{_CONVNEXT_BLOCK[layer]}.{param}"
+    if match := re.fullmatch(r"head\.norm\.(weight|bias)", key):
+        return f"classifier.0.{match[1]}"
+    raise ValueError(f"no torchvision name for ConvNeXt key '{key}'")
+
+
+def torchvision_convnext_state(state):
+    """A timm ConvNeXt backbone state dict with torchvision's names (layer scales as (C, 1, 1))."""
+    out = {}
+    for key, tensor in state.items():
+        name = torchvision_convnext_name(key)
+        out[name] = tensor.reshape(-1, 1, 1) if name.endswith("layer_scale") else tensor
+    return out
+
+
 def detectron2_model(state):
     """{Detectron2 name: float32 numpy array} from a torchvision ResNet backbone state dict (no fc)."""
     model = {}
@@ -124,6 +163,11 @@ def normalization(dataset):
 
 
 def _stem_lines(meta):
+    if meta["name"] in TORCHVISION_CONVNEXTS:
+        if meta["image_size"] >= 64:
+            return []
+        width = meta["feature_dim"] // 8  # ConvNeXt's width doubles at each of its 3 downsamplings
+        return [f"model.features[0][0] = torch.nn.Conv2d(3, {width}, kernel_size=1)  # 1x1 stride-1 stem below 64px"]
     if not meta["cifar_stem"]:
         return []
     return ["model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)  # CIFAR stem",
@@ -136,11 +180,12 @@ def loading_code(fmt, meta, path, fc):
     name = meta["name"]
     if fmt == "torchvision":
         lines = ["import torch, torchvision", f"model = torchvision.models.{name}()", *_stem_lines(meta)]
+        classifier = "model.classifier[2]" if name in TORCHVISION_CONVNEXTS else "model.fc"
         if fc:
-            lines += [load, "model.fc = torch.nn.Identity()  # the exported fc is zeros: drop it for features "
-                            "or train a new one"]
+            lines += [load, f"{classifier} = torch.nn.Identity()  # the exported classifier is zeros: drop it for "
+                            "features or train a new one"]
         else:
-            lines += ["model.fc = torch.nn.Identity()", load]
+            lines += [f"{classifier} = torch.nn.Identity()", load]
         return "\n".join(lines)
     if name in STOCK_RESNETS:
         return "\n".join(["import timm, torch", f"model = timm.create_model({name!r}, num_classes=0)",
@@ -170,12 +215,13 @@ def check_supported(fmt, meta, out):
     """Refuse what a stock model of the format cannot hold, with the way out."""
     name = meta["name"]
     if name in TIMM_MODELS:
-        if fmt != "timm":
-            raise UsageError(f"{name} is a timm model: use --format timm ({fmt} export supports resnet18/resnet50)")
+        if fmt != "timm" and not (fmt == "torchvision" and name in TORCHVISION_CONVNEXTS):
+            raise UsageError(f"{name} is a timm model: use --format timm ({fmt} export supports resnet18/resnet50"
+                             f"{' and ConvNeXt' if fmt == 'torchvision' else ''})")
         return
     if name not in STOCK_RESNETS:
-        raise UsageError(f"{name} has no stock {fmt} model (export supports resnet18, resnet50 and timm ViT/Swin): "
-                         f"load it with common.backbones.load_backbone instead")
+        raise UsageError(f"{name} has no stock {fmt} model (export supports resnet18, resnet50 and the timm models: "
+                         f"ViT, Swin, ConvNeXt, PoolFormer): load it with common.backbones.load_backbone instead")
     if fmt == "detectron2":
         if meta["cifar_stem"]:
             raise UsageError(f"{meta['name']} was trained at {meta['image_size']}px with the CIFAR stem (3x3 conv, "
@@ -192,10 +238,14 @@ def metadata(fmt, meta, ckpt, out, fc):
             "normalization": normalization(meta.get("dataset"))}
     if meta["name"] in STOCK_RESNETS:
         info["stem"] = CIFAR_STEM_TEXT if meta["cifar_stem"] else IMAGENET_STEM_TEXT
+    if meta["name"] in TORCHVISION_CONVNEXTS and meta["image_size"] < 64:
+        info["stem"] = "1x1 stride-1 stem (below 64px): replace model.features[0][0] before loading"
     if fmt == "torchvision":
-        info["fc"] = (f"fc.weight/fc.bias are zeros ({IMAGENET_CLASSES} classes), not trained: replace model.fc "
-                      f"to classify, or set model.fc = torch.nn.Identity() for {meta['feature_dim']}-d features"
-                      if fc else "no fc: set model.fc = torch.nn.Identity() before loading")
+        fc_name, fc_module = (("classifier.2", "model.classifier[2]") if meta["name"] in TORCHVISION_CONVNEXTS
+                              else ("fc", "model.fc"))
+        info["fc"] = (f"{fc_name}.weight/{fc_name}.bias are zeros ({IMAGENET_CLASSES} classes), not trained: replace "
+                      f"{fc_module} to classify, or set {fc_module} = torch.nn.Identity() for {meta['feature_dim']}-d "
+                      f"features" if fc else f"no classifier: set {fc_module} = torch.nn.Identity() before loading")
     if fmt == "timm":
         in_timm = meta["name"] in TIMM_MODELS
         info["timm_model"] = TIMM_MODELS[meta["name"]] if in_timm else meta["name"]
@@ -223,9 +273,12 @@ def exported_state(fmt, net, meta, fc):
     if fmt == "timm":
         return state
     if fmt == "torchvision":
+        fc_name = "fc"
+        if meta["name"] in TORCHVISION_CONVNEXTS:
+            state, fc_name = torchvision_convnext_state(state), "classifier.2"
         if fc:
-            state["fc.weight"] = torch.zeros(IMAGENET_CLASSES, meta["feature_dim"])
-            state["fc.bias"] = torch.zeros(IMAGENET_CLASSES)
+            state[f"{fc_name}.weight"] = torch.zeros(IMAGENET_CLASSES, meta["feature_dim"])
+            state[f"{fc_name}.bias"] = torch.zeros(IMAGENET_CLASSES)
         return state
     return {"model": detectron2_model(state), "__author__": f"eval/export.py ({meta.get('method')})",
             "matching_heuristics": True}
@@ -262,7 +315,7 @@ def run(argv=None):
     if args.no_fc and args.format != "torchvision":
         raise UsageError("--no-fc applies to --format torchvision only (timm and Detectron2 exports have no fc)")
     out, info = export(args.ckpt, args.format, args.out, fc=not args.no_fc)
-    stem = f", {'CIFAR' if info['cifar_stem'] else 'ImageNet'} stem" if "stem" in info else ""
+    stem = f", {'CIFAR' if info['cifar_stem'] else 'ImageNet'} stem" if info["backbone"] in STOCK_RESNETS else ""
     print(f"wrote {out} ({args.format}, {info['backbone']}, {info['image_size']}px{stem}) and {out}.json")
     if info.get("stem"):
         print(f"stem: {info['stem']}")

@@ -35,8 +35,8 @@ def build_parser():
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to evaluate on [default: the one stored in --ckpt]")
     p.add_argument("--data-dir", default=None,
-                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is the run's; "
-                        "else ./data]")
+                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
+                        "the run's; else ./data]")
     p.add_argument("--k", type=cli.positive_int, default=200, help="neighbours per query [default: %(default)s]")
     # exp(1 / T) must fit a float32 (T >= 0.0114): 0.02 leaves a margin for every cosine in [-1, 1].
     p.add_argument("--temperature", type=cli.number_at_least(0.02), default=0.1,
@@ -96,8 +96,8 @@ def run(argv=None):
                                          k=args.k, temperature=args.temperature)
 
     result = {"acc1": acc1, "acc5": acc5, "k": args.k, "temperature": args.temperature, "dataset": args.dataset,
-              "data_dir": os.path.abspath(args.data_dir), "ckpt": str(args.ckpt), "train_images": len(train_set), "val_images": len(val_set),
-              "backbone": meta["name"], "method": meta.get("method")}
+              "data_dir": os.path.abspath(args.data_dir), "ckpt": str(args.ckpt), "train_images": len(train_set),
+              "val_images": len(val_set), "backbone": meta["name"], "method": meta.get("method")}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:  # atomic: a reader never sees half a file, a failed write leaves none
         checkpoint.write_atomic(out, lambda f: f.write(json.dumps(result, indent=2).encode()))

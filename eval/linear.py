@@ -32,8 +32,8 @@ from tqdm import tqdm  # noqa: E402
 
 from common import augment, checkpoint, data, dist, evaluation  # noqa: E402
 from common.backbones import load_backbone  # noqa: E402
-from common.cli import (Parser, UsageError, nonneg_float, nonneg_int, positive_float, positive_int,  # noqa: E402
-                        run_main)
+from common.cli import (Parser, UsageError, fraction, nonneg_float, nonneg_int, positive_float,  # noqa: E402
+                        positive_int, run_main)
 
 # Base lr (batch 256) per pretraining method: optimizer.lr of solo-learn's scripts/linear/imagenet-100/*.yaml.
 LINEAR_LR = {"barlow_twins": 0.1, "byol": 0.3, "deepclusterv2": 0.15, "dino": 0.3, "mocov2plus": 3.0,
@@ -62,8 +62,8 @@ def build_parser():
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to evaluate on [default: the one stored in --ckpt]")
     p.add_argument("--data-dir", default=None,
-                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is the run's; "
-                        "else ./data]")
+                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
+                        "the run's; else ./data]")
     p.add_argument("--epochs", type=positive_int, default=100,
                    help="epochs of linear-layer training [default: %(default)s]")
     p.add_argument("--batch-size", type=positive_int, default=256, help="mini-batch size [default: %(default)s]")
@@ -84,11 +84,15 @@ def build_parser():
                    help="seed of the layer init, shuffling, augmentation, --max-train subset [default: %(default)s]")
     p.add_argument("--max-train", type=positive_int, default=None,
                    help="train on a random subset of N images, for quick runs [default: all]")
+    p.add_argument("--fraction", type=fraction, default=1.0,
+                   help="train on a class-balanced fraction of the labelled images, drawn with --seed (0.01 and 0.1: "
+                        "the SSL papers' 1%% / 10%% protocols); the JSON lists the chosen indexes [default: all]")
     return p
 
 
-def load_splits(dataset, data_dir, seed, max_train):
-    """(train set or its --max-train subset, val set, num_classes); no labels or no val split: UsageError."""
+def load_splits(dataset, data_dir, seed, max_train, fraction=1.0):
+    """(train set or its --fraction and --max-train subset, val set, num_classes); no labels or no val split:
+    UsageError. A subset is a Subset whose `indices` (sorted) name the images chosen."""
     train_set = data.load_dataset(dataset, data_dir, "train", seed)
     if not train_set.num_classes:
         raise UsageError(f"{dataset} in {data_dir} has no labels: put the images in one sub-folder per class")
@@ -96,8 +100,11 @@ def load_splits(dataset, data_dir, seed, max_train):
     val_set = data.load_dataset(dataset, data_dir, "val", seed)
     if val_set is None:
         raise UsageError(f"{data_dir} has no val/ folder: add labelled validation images there")
-    if max_train is not None and max_train < len(train_set):
-        chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:max_train]
+    chosen = data.class_balanced_subset(train_set.targets, fraction, seed) if fraction < 1 else \
+        torch.arange(len(train_set))
+    if max_train is not None and max_train < len(chosen):
+        chosen = chosen[torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed))[:max_train]]
+    if len(chosen) < len(train_set):
         train_set = Subset(train_set, chosen.sort().values.tolist())
     return train_set, val_set, num_classes
 
@@ -191,7 +198,7 @@ def run(argv=None):
     args.base_lr, args.lr = linear_lr(meta.get("method"), args.batch_size, args.lr)
     args.dataset, args.data_dir, tag = checkpoint.eval_data(args.ckpt, meta, args.dataset, args.data_dir)
     torch.manual_seed(args.seed)
-    train_set, val_set, num_classes = load_splits(args.dataset, args.data_dir, args.seed, args.max_train)
+    train_set, val_set, num_classes = load_splits(args.dataset, args.data_dir, args.seed, args.max_train, args.fraction)
 
     cuda = device.type == "cuda"
     if cuda:
@@ -225,7 +232,7 @@ def run(argv=None):
               "ckpt": str(args.ckpt), "mode": "fast" if args.fast else "full", "base_lr": args.base_lr, "lr": args.lr,
               "weight_decay": args.weight_decay, "batch_size": args.batch_size, "train_images": len(train_set),
               "val_images": len(val_set), "backbone": meta["name"], "method": meta.get("method"),
-              "history": history}
+              "fraction": args.fraction, "train_indexes": getattr(train_set, "indices", None), "history": history}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"linear{tag}.json")
     write_json(result, out)
     print(f"linear eval ({result['mode']}) of {args.ckpt} on {args.dataset}: "

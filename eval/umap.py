@@ -33,8 +33,8 @@ def build_parser():
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to draw [default: the one stored in --ckpt]")
     p.add_argument("--data-dir", default=None,
-                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is the run's; "
-                        "else ./data]")
+                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
+                        "the run's; else ./data]")
     p.add_argument("--split", choices=("val", "train"), default="val",
                    help="which split to draw [default: %(default)s]")
     p.add_argument("--max-points", type=cli.int_at_least(3), default=10000,

@@ -43,15 +43,25 @@ export = load_export_script()
 CKPTS = {"r18_32": ("resnet18", 32, "cifar10"), "r18_224": ("resnet18", 224, "imagenet100"),
          "r50_32": ("resnet50", 32, "cifar100"), "r50_224": ("resnet50", 224, "imagenet100"),
          "vit_32": ("vit_tiny", 32, "cifar10"), "swin_32": ("swin_tiny", 32, "cifar10"),
-         "narrow": ("resnet_narrow", 32, "synthetic")}
+         "narrow": ("resnet_narrow", 32, "synthetic"), "convnext_32": ("convnext_tiny", 32, "cifar10"),
+         "convnext_224": ("convnext_tiny", 224, "imagenet100"), "poolformer_224": ("poolformer_s12", 224, "imagenet"),
+         "wrn": ("wide_resnet28w2", 32, "cifar10")}
 RESNET_CKPTS = ("r18_32", "r18_224", "r50_32", "r50_224")
 CLI_RUN = []  # the `python eval/export.py` subprocess, started by the ckpts fixture
 
 
 def randomize_norms(net, generator):
-    """Distinct, plausible values in every BatchNorm tensor (a fresh BN has means 0 and variances 1)."""
+    """Distinct, plausible values in every BatchNorm tensor (a fresh BN has means 0 and variances 1), and in
+    ConvNeXt's LayerNorms and layer scales (1e-6 when fresh: a block's output would vanish, and with it any
+    mix-up of its weights)."""
     with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith(".gamma"):
+                param.copy_(0.5 + torch.rand(param.shape, generator=generator))
         for module in net.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
             if isinstance(module, nn.BatchNorm2d):
                 n = module.num_features
                 module.weight.copy_(0.5 + torch.rand(n, generator=generator))
@@ -177,7 +187,38 @@ def test_timm_resnet_keys_are_torchvision_keys(name):
     assert {k: v.shape for k, v in timm_state.items()} == {k: v.shape for k, v in tv_state.items()}
 
 
-@pytest.mark.parametrize("key", ["r18_32", "r18_224", "r50_224", "vit_32", "swin_32"])
+@pytest.mark.parametrize("key", ["convnext_32", "convnext_224"])
+def test_torchvision_convnext_export(ckpts, reference, tmp_path, key):
+    """timm's ConvNeXt keys renamed to torchvision's: the stock model gives the same features."""
+    _, size, _ = CKPTS[key]
+    out = tmp_path / f"{key}.pth"
+    info = export.run(["--ckpt", str(ckpts[key]), "--format", "torchvision", "--out", str(out)])
+    state = torch.load(out, map_location="cpu", weights_only=True)
+    model = torchvision.models.convnext_tiny()
+    if size < 64:
+        assert "1x1 stride-1 stem" in info["stem"]
+        with pytest.raises(RuntimeError, match="features.0.0.weight"):
+            model.load_state_dict(state)  # the stock 4x4 stride-4 stem cannot take it
+        model.features[0][0] = nn.Conv2d(3, 96, kernel_size=1)
+    model.load_state_dict(state, strict=True)
+    assert not model.classifier[2].weight.any() and model.classifier[2].weight.shape == (1000, 768)
+    model.classifier[2] = nn.Identity()
+    torch.testing.assert_close(features(model, key), reference[key])
+    torch.testing.assert_close(features(run_load_code(info), key), reference[key])
+
+
+def test_torchvision_convnext_names_are_one_to_one():
+    import timm
+    timm_state = timm.create_model("convnext_tiny", num_classes=0).state_dict()
+    renamed = export.torchvision_convnext_state(timm_state)
+    stock = {k: v.shape for k, v in torchvision.models.convnext_tiny().state_dict().items()
+             if not k.startswith("classifier.2.")}
+    assert len(renamed) == len(timm_state) and {k: v.shape for k, v in renamed.items()} == stock
+    with pytest.raises(ValueError):
+        export.torchvision_convnext_name("head.fc.weight")
+
+
+@pytest.mark.parametrize("key", ["r18_32", "r18_224", "r50_224", "vit_32", "swin_32", "convnext_32", "poolformer_224"])
 def test_timm_export_loads_strictly_into_timm(ckpts, reference, tmp_path, key):
     import timm
     name, size, _ = CKPTS[key]
@@ -297,6 +338,9 @@ def test_detectron2_pickle(ckpts, tmp_path, key):
     ("swin_32", "detectron2", "x.pkl", "--format timm"),
     ("narrow", "torchvision", "x.pth", "load_backbone"),
     ("narrow", "timm", "x.pth", "no stock"),
+    ("poolformer_224", "torchvision", "x.pth", "--format timm"),
+    ("wrn", "torchvision", "x.pth", "load_backbone"),
+    ("wrn", "timm", "x.pth", "no stock"),
 ])
 def test_unsupported_exports_are_refused(ckpts, tmp_path, capsys, key, fmt, out, message):
     with pytest.raises(SystemExit) as exit_info:

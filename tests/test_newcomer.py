@@ -67,7 +67,8 @@ def test_recipe_details(tmp_path, capsys):
     # The synthetic recipe's on-device augmentation serves in-memory sets: a folder gets the torchvision loader,
     # unless asked for by name (then build_data names the problem).
     folder = image_folder(tmp_path / "imgs", 24)
-    assert parse("--dataset", "folder", "--data-dir", str(folder), "--recipe", "synthetic").data_backend == "torchvision"
+    synthetic = parse("--dataset", "folder", "--data-dir", str(folder), "--recipe", "synthetic")
+    assert synthetic.data_backend == "torchvision"
     assert parse("--dataset", "cifar10", "--recipe", "synthetic").data_backend == "device"
     assert parse("--dataset", "folder", "--data-dir", str(folder), "--recipe", "synthetic",
                  "--data-backend", "device").data_backend == "device"
@@ -80,7 +81,7 @@ def test_a_folder_of_small_images_gets_the_cifar_recipe_with_one_line(tmp_path, 
     simclr = importlib.import_module("simclr")
     out = ["--out-dir", str(tmp_path / "out")]
     parse = lambda folder, *argv: simclr.parse_args(["--dataset", "folder", "--data-dir", str(folder), *argv, *out])
-    small, edge, large = image_folder(tmp_path / "s", 24), image_folder(tmp_path / "e", 64), image_folder(tmp_path / "l", 65)
+    small, edge, large = (image_folder(tmp_path / name, side) for name, side in (("s", 24), ("e", 64), ("l", 65)))
     assert parse(small).recipe == "cifar" and parse(small).crop_size == 32
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and f"{small} holds small images (at most 24px): using the cifar recipe" in lines[0]
@@ -203,7 +204,7 @@ def test_backbone_pt_records_the_absolute_data_dir(tmp_path, monkeypatch):
 def test_eval_data_defaults_and_result_names(tmp_path):
     meta = {"dataset": "folder", "data_dir": str(tmp_path / "imgs")}
     assert checkpoint.eval_data("b.pt", meta) == ("folder", str(tmp_path / "imgs"), "")
-    assert checkpoint.eval_data("b.pt", meta, "folder", str(tmp_path / "imgs/")) == ("folder", str(tmp_path / "imgs/"), "")
+    assert checkpoint.eval_data("b.pt", meta, "folder", f"{tmp_path}/imgs/") == ("folder", f"{tmp_path}/imgs/", "")
     assert checkpoint.eval_data("b.pt", meta, "folder", str(tmp_path / "other")) == ("folder", str(tmp_path / "other"),
                                                                                    "-folder-other")
     assert checkpoint.eval_data("b.pt", meta, "synthetic") == ("synthetic", "./data", "-synthetic")
