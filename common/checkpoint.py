@@ -233,6 +233,40 @@ def load(path, method, objects, map_location="cpu"):
 
 def export_backbone(path, backbone, metadata):
     """backbone.pt: {"format", "backbone": state_dict, "name", "image_size", "cifar_stem", "feature_dim", "method",
-    ...}."""
+    "dataset", "data_dir" (absolute: eval/ tools default to it), ...}."""
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     save_atomic({"format": FORMAT, "backbone": state, **metadata}, path)
+
+
+def _run_data_dir(ckpt, dataset):
+    """The --data-dir in the args.json beside `ckpt` when that run trained on `dataset` (a backbone.pt written
+    before it recorded its data_dir), else None."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(os.path.join(os.path.dirname(os.path.abspath(ckpt)), "args.json")) as f:
+            args = json.load(f)
+        if args.get("dataset") == dataset and isinstance(args.get("data_dir"), str):
+            return args["data_dir"]  # relative to where that run started: the best guess there is
+    return None
+
+
+FOLDER_DATASETS = ("imagenet", "imagenet100", "folder")  # read from --data-dir as it is, nothing downloaded
+
+
+def eval_data(ckpt, meta, dataset=None, data_dir=None):
+    """(dataset, data_dir, tag) of an eval/ tool from its --dataset, --data-dir and backbone.pt's metadata.
+
+    --dataset defaults to the run's; --data-dir to the run's (recorded in backbone.pt, or in the args.json beside
+    it) when the dataset is the run's, else ./data. tag is "" when the data is the run's own, else "-<dataset>"
+    (plus "-<folder name>" for a folder dataset read from another folder): the tools name their default result
+    files with it (knn<tag>.json), so an evaluation on other data never replaces the run's."""
+    own = dataset is None or dataset == meta.get("dataset")
+    dataset = dataset or meta.get("dataset")
+    if dataset is None:
+        raise UsageError(f"{ckpt} does not name its dataset: pass --dataset")
+    recorded = (meta.get("data_dir") or _run_data_dir(ckpt, dataset)) if own else None
+    data_dir = data_dir or recorded or "./data"
+    same_folder = recorded is None or os.path.realpath(data_dir) == os.path.realpath(recorded)
+    if own and (dataset not in FOLDER_DATASETS or same_folder):
+        return dataset, data_dir, ""
+    folder = f"-{os.path.basename(os.path.normpath(os.path.abspath(data_dir)))}" if dataset in FOLDER_DATASETS else ""
+    return dataset, data_dir, f"-{dataset}{folder}"

@@ -1,7 +1,8 @@
 """Command line: the flags every method script shares, per-dataset recipes, and one-line errors.
 
 Every flag defaults to None; `resolve` fills what the command line left unset from the method's
-recipe for the dataset's family (cifar, imagenet, imagenet1k, synthetic), then from GENERIC_DEFAULTS.
+recipe for the dataset's family (cifar, imagenet, imagenet1k, synthetic) or the one --recipe names, then from
+GENERIC_DEFAULTS.
 """
 import argparse
 import gc
@@ -75,6 +76,7 @@ def every_n(text):
 
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "folder", "synthetic")
+RECIPE_FAMILIES = ("cifar", "imagenet", "synthetic")  # what --recipe offers: the keys of every script's RECIPES
 RECIPE_FAMILY = {"cifar10": "cifar", "cifar100": "cifar", "stl10": "imagenet", "imagenet": "imagenet1k",
                  "imagenet100": "imagenet", "folder": "imagenet", "synthetic": "synthetic"}
 # "imagenet" is the ImageNet-100 recipe (solo-learn's scripts/pretrain/imagenet-100/). "imagenet1k" is
@@ -87,7 +89,8 @@ GENERIC_DEFAULTS = dict(data_dir="./data", workers=min(8, os.cpu_count() or 1), 
                         warmup_start_lr=3e-5, min_lr=0.0, num_large_crops=2, num_small_crops=0,
                         small_crop_size=None, min_scale=None, invert_prob=0.0, grad_clip=0.0, train_subset=0,
                         lars_eta=0.02, lars_clip=True, accumulate_steps=1)
-DATASET_OVERRIDES = {"stl10": dict(crop_size=96)}
+DATASET_OVERRIDES = {"stl10": dict(crop_size=96)}  # under the dataset's own recipe family only
+SMALL_IMAGE_SIDE = 64  # a folder whose first images are at most this many pixels on a side gets the cifar recipe
 BACKBONE_NAMES = ("resnet18", "resnet50", "resnet_narrow", "vit_tiny", "vit_small", "vit_base", "swin_tiny",
                   "swin_small", "swin_base", "vit_large", "swin_large", "convnext_tiny", "convnext_small",
                   "convnext_base", "convnext_large", "poolformer_s12", "poolformer_s24", "poolformer_s36",
@@ -132,6 +135,10 @@ def parser(method, doc, recipes):
     data, model, opt, run = (adder(g) for g in ("data", "model", "optimisation", "run"))
     presets = "; ".join(f"{name}: {what}" for name, what in augment.PRESET_HELP.items())
     data("--dataset", help="dataset to pretrain on [default: synthetic]", choices=DATASETS)
+    data("--recipe", help="recipe family, for any dataset: cifar (32px crops, CIFAR stem, 1000 epochs), imagenet "
+         "(224px crops, 400 epochs), synthetic (CPU-sized: resnet_narrow, 16px crops, 20-40 epochs) [default: the "
+         "dataset's: cifar for cifar10/100, synthetic for synthetic, imagenet for the others, but cifar for a "
+         f"folder whose images are at most {SMALL_IMAGE_SIDE}px]", choices=RECIPE_FAMILIES)
     data("--data-dir", help="where datasets live (torchvision sets are downloaded here)")
     data("--train-subset", nonneg_int, "train on the first N images and validate on at most max(N, 256) "
          "(quick runs, tests; 0: all)")
@@ -205,15 +212,39 @@ def recipe_family(dataset, recipes):
     return family if family in recipes else FALLBACK_FAMILY[family]
 
 
+def folder_recipe(data_dir, cifar):
+    """The recipe family of a `folder` dataset left without --recipe: cifar when its first images are at most
+    SMALL_IMAGE_SIDE pixels on their longer side (said in one printed line), else imagenet."""
+    from common import data  # here: it imports this module
+    sides = data.first_image_sides(data_dir)
+    if not sides or max(sides) > SMALL_IMAGE_SIDE:
+        return "imagenet"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{data_dir} holds small images (at most {max(sides)}px): using the cifar recipe ({cifar['crop_size']}px "
+              f"crops, CIFAR stem, {cifar['epochs']} epochs); --recipe imagenet or synthetic picks another", flush=True)
+    return "cifar"
+
+
 def resolve(p, argv, method, recipes):
     """Parse argv and fill unset flags from the recipe of the dataset's family, then the generic defaults."""
     args = p.parse_args(argv)
     args.dataset = args.dataset or "synthetic"
-    filled = {**GENERIC_DEFAULTS, **recipes[recipe_family(args.dataset, recipes)],
-              **DATASET_OVERRIDES.get(args.dataset, {})}
+    given = {key for key, value in vars(args).items() if value is not None}
+    own = recipe_family(args.dataset, recipes)
+    args.recipe = args.recipe or (folder_recipe(args.data_dir or GENERIC_DEFAULTS["data_dir"], recipes["cifar"])
+                                  if args.dataset == "folder" else own)
+    filled = {**GENERIC_DEFAULTS, **recipes[args.recipe], **(DATASET_OVERRIDES.get(args.dataset, {})
+                                                              if args.recipe == own else {})}
     for key, value in filled.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    from common import device_augment  # here: it imports this module
+    if "data_backend" not in given and args.data_backend == "device" and args.dataset not in device_augment.DATASETS:
+        args.data_backend = "torchvision"  # the synthetic recipe's on-device augmentation serves in-memory sets only
+    if getattr(args, "warmup_epochs", 0) >= args.epochs and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: --warmup-epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the lr warms up for the "
+              f"whole run and never decays; pass a smaller --warmup-epochs (e.g. {args.epochs / 10:g})",
+              file=sys.stderr, flush=True)
     args.method = method
     args.out_dir = args.out_dir or os.path.join("runs", f"{method}-{args.dataset}")
     check_out_dir(args.out_dir)

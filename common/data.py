@@ -3,7 +3,7 @@
 In-memory datasets (CIFAR, STL-10, synthetic) hold one uint8 NCHW tensor and return
 `(uint8 CHW tensor, int label)`; folder datasets return `(PIL RGB image, int label)`.
 Label -1 marks an unlabelled image. Every dataset carries `num_classes` (0 when unlabelled),
-`image_size` (the default crop side) and `targets`.
+`image_size` (the default crop side), `targets` and `classes` (the class names, None when unlabelled).
 
 Pretraining data is a pure function of (seed, epoch, position): `EpochSampler` draws each
 epoch's order from (seed, epoch) and `ViewsDataset` seeds each image's augmentations from
@@ -30,9 +30,9 @@ SYNTHETIC_CLASSES = ("disk", "square", "triangle", "star", "plus", "ring", "bars
 class ImageTensorDataset(Dataset):
     """Images held as one uint8 NCHW tensor (fast to index, shared by forked workers)."""
 
-    def __init__(self, images, targets, num_classes, image_size):
+    def __init__(self, images, targets, num_classes, image_size, classes=None):
         self.images, self.targets = images, torch.as_tensor(targets, dtype=torch.long)
-        self.num_classes, self.image_size = num_classes, image_size
+        self.num_classes, self.image_size, self.classes = num_classes, image_size, classes
 
     def __len__(self):
         return len(self.images)
@@ -44,10 +44,10 @@ class ImageTensorDataset(Dataset):
 class FolderDataset(Dataset):
     """Image files listed as (path, label); decoded to RGB PIL images on access."""
 
-    def __init__(self, samples, num_classes, image_size=224):
+    def __init__(self, samples, num_classes, image_size=224, classes=None):
         self.paths = [path for path, _ in samples]
         self.targets = [label for _, label in samples]
-        self.num_classes, self.image_size = num_classes, image_size
+        self.num_classes, self.image_size, self.classes = num_classes, image_size, classes
 
     def __len__(self):
         return len(self.paths)
@@ -170,7 +170,25 @@ def load_folder(name, data_dir, split):
     if not samples:
         raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}: "
                          "put images there, in one sub-folder per class for labels")
-    return FolderDataset(samples, len(classes))
+    return FolderDataset(samples, len(classes), classes=classes or None)
+
+
+def first_image_sides(data_dir, count=8):
+    """The longer side of the first `count` images of a folder dataset (under DATA/train, else DATA), in scan
+    order, from their headers: a quick look at the image size before the full scan. [] when none is found."""
+    train_root = os.path.join(data_dir, "train")
+    root, sides, seen = train_root if os.path.isdir(train_root) else data_dir, [], set()
+    for parent, subdirs, files in os.walk(root, followlinks=True):
+        seen.add(os.path.realpath(parent))
+        subdirs[:] = sorted(d for d in subdirs
+                            if not _hidden(d) and os.path.realpath(os.path.join(parent, d)) not in seen)
+        for name in sorted(name for name in files if _is_image(parent, name)):
+            with contextlib.suppress(OSError, ValueError, Image.DecompressionBombError), \
+                    Image.open(os.path.join(parent, name)) as image:
+                sides.append(max(image.size))
+            if len(sides) == count:
+                return sides
+    return sides
 
 
 def load_torchvision(name, data_dir, split):
@@ -188,16 +206,31 @@ def load_torchvision(name, data_dir, split):
     try:
         raw = build(data_dir, download=False, **kwargs)
     except RuntimeError:  # absent or corrupt: try the network once
+        existing = os.path.abspath(data_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
         try:
             raw = build(data_dir, download=True, **kwargs)
         except Exception as error:  # offline shows up as URLError, socket or HTTP errors
+            remove_empty_folders(data_dir, existing)  # the download made them: a failed one leaves nothing behind
             raise UsageError(f"{name} not found in {data_dir} and could not be downloaded "
                              f"(offline? {type(error).__name__}): put {expected} there") from None
     if name == "stl10":
         images, targets, size = torch.from_numpy(raw.data), torch.from_numpy(raw.labels).long(), 96
     else:  # CIFAR stores NHWC
         images, targets, size = torch.from_numpy(raw.data).permute(0, 3, 1, 2), torch.tensor(raw.targets), 32
-    return ImageTensorDataset(images.contiguous(), targets, len(raw.classes), size)
+    return ImageTensorDataset(images.contiguous(), targets, len(raw.classes), size, classes=list(raw.classes))
+
+
+def remove_empty_folders(path, stop):
+    """Remove `path` and its parents while they are empty folders, up to (not including) `stop`."""
+    path, stop = os.path.abspath(path), os.path.abspath(stop)
+    while path != stop and path.startswith(stop + os.sep):
+        try:
+            os.rmdir(path)  # only an empty folder: anything the download left stays
+        except OSError:
+            return
+        path = os.path.dirname(path)
 
 
 def _box(u, v, half_u, half_v):
@@ -315,7 +348,7 @@ def load_dataset(name, data_dir, split, seed=0):
     if name == "synthetic":
         count, offset = {"train": (8000, 0), "val": (2000, 1)}[split]
         images, labels = cached_synthetic_images(count, seed + offset)
-        return ImageTensorDataset(images, labels, len(SYNTHETIC_CLASSES), 32)
+        return ImageTensorDataset(images, labels, len(SYNTHETIC_CLASSES), 32, classes=list(SYNTHETIC_CLASSES))
     if name in ("cifar10", "cifar100", "stl10"):
         return load_torchvision(name, data_dir, split)
     if name in ("imagenet", "imagenet100", "folder"):

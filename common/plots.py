@@ -7,15 +7,16 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot is imported: no display needed (clusters, CI, ssh)
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 
 
-def umap_png(features, labels, path, title, max_points=10000, seed=0):
+def umap_png(features, labels, path, title, max_points=10000, seed=0, class_names=None):
     """Embed `features` (N, D) in 2-D with UMAP and save a scatter plot coloured by `labels` to `path`.
 
     At most `max_points` rows are drawn (a seeded random subset, so repeated plots of one run
-    are comparable). Label -1 (unlabelled) is grey. The PNG is written to a temporary file and
-    renamed, so a reader never sees half a picture.
+    are comparable). Label -1 (unlabelled) is grey; the legend names label i class_names[i] when given.
+    The PNG is written to a temporary file and renamed, so a reader never sees half a picture.
     """
     import umap  # here, not at the top: seconds to import, so only when a plot is drawn
 
@@ -29,8 +30,11 @@ def umap_png(features, labels, path, title, max_points=10000, seed=0):
     # n_neighbors must stay below the number of points; cosine matches how kNN compares features.
     reducer = umap.UMAP(n_components=2, n_neighbors=min(15, features.size(0) - 1), min_dist=0.1,
                         metric="cosine", random_state=seed, n_jobs=1)
-    points = reducer.fit_transform(features.numpy())
+    scatter_png(reducer.fit_transform(features.numpy()), labels, path, title, class_names)
 
+
+def scatter_png(points, labels, path, title, class_names=None):
+    """2-D `points` (N, 2) coloured by `labels`, legend entries named by class_names (else the label index)."""
     classes = sorted(set(labels.tolist()) - {-1})
     colormap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20" if len(classes) <= 20 else "turbo")
     figure, axes = plt.subplots(figsize=(8, 8))
@@ -42,7 +46,8 @@ def umap_png(features, labels, path, title, max_points=10000, seed=0):
         rows = (labels == label).numpy()
         # Listed colormaps are indexed by integer; continuous ones by a float in [0, 1].
         colour = colormap(rank) if len(classes) <= 20 else colormap(rank / max(len(classes) - 1, 1))
-        axes.scatter(points[rows, 0], points[rows, 1], s=size, color=colour, label=str(label))
+        name = class_names[label] if class_names is not None and label < len(class_names) else label
+        axes.scatter(points[rows, 0], points[rows, 1], s=size, color=colour, label=str(name))
     if len(classes) <= 20:
         legend = axes.legend(fontsize="small", loc="best")
         for handle in legend.legend_handles:  # legend dots readable whatever the plot's dot size
@@ -88,24 +93,31 @@ def curves_png(runs, path, title=None):
     """Loss, probe acc@1 and kNN acc@1 against epoch, one panel each, one colour per run.
 
     runs: [(legend label, per-epoch metric dicts)]. A metric a run never logged (no labels: no probe; kNN off)
-    is left out of its panel. Returns {metric: number of lines drawn}. Written atomically (save_png)."""
+    is left out of its panel. Epochs count from 0, as metrics.jsonl, the progress bar and the UMAP title do.
+    A kNN panel of single points (kNN ran at the end only) says how to get a curve.
+    Returns {metric: number of lines drawn}. Written atomically (save_png)."""
     figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
     colours = plt.get_cmap("tab10")
     drawn = {}
     for (key, name), ax in zip(CURVES, axes):
-        drawn[key] = 0
+        drawn[key], longest = 0, 0
         for i, (label, epochs) in enumerate(runs):
-            points = [(m["epoch"] + 1, m[key]) for m in epochs if m.get(key) is not None]
+            points = [(m["epoch"], m[key]) for m in epochs if m.get(key) is not None]
+            longest = max(longest, len(points))
             if points:
                 x, y = zip(*points)
                 ax.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, color=colours(i % 10),
                         label=label)
                 drawn[key] += 1
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (from 0, as logged)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))  # no epoch 0.25
         ax.set_title(name)
         ax.grid(alpha=0.3)
         if drawn[key]:
             ax.legend(fontsize="small")
+            if key == "knn_acc1" and longest == 1:
+                ax.text(0.5, 0.1, "kNN ran at the end only:\ntrain with --knn-every N for a curve", ha="center",
+                        va="bottom", transform=ax.transAxes, color="grey")
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     if title:

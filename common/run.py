@@ -42,12 +42,18 @@ class Run:
         # (epoch << 32) + step of the first step whose loss was not finite (-1: none), kept on the device and read
         # only at log steps, at the epoch's end and before a checkpoint is written: the step never waits for it.
         self.nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        self.metrics_file = self.extra_logger = None
-        if self.is_main:
+        self.metrics_file = self.extra_logger = None  # opened by open_outputs once build_data has read the data
+
+    def open_outputs(self):
+        """Create the run folder, write args.json, open metrics.jsonl and the extra logger (rank 0). build_data
+        calls it once the data is read, so that a data error (a missing folder, an offline download) leaves no
+        run folder behind."""
+        args = self.args
+        if self.is_main and self.metrics_file is None:
             os.makedirs(args.out_dir, exist_ok=True)
             config = {**vars(args), "torch": torch.__version__, "world_size": self.world_size,
                       "global_batch_size": args.batch_size * self.world_size * args.accumulate_steps,
-                      "resolved_precision": precision}
+                      "resolved_precision": self.precision}
             with open(os.path.join(args.out_dir, "args.json"), "w") as f:
                 json.dump(config, f, indent=2)
             self.metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
@@ -241,6 +247,14 @@ def build_data(args, run):
     val_set = data.load_dataset(args.dataset, args.data_dir, "val", args.seed) if train_set.num_classes else None
     if run.is_main:
         dist.barrier()
+    class_names = getattr(train_set, "classes", None)  # for the UMAP legend
+    if train_set.num_classes and val_set is None and run.is_main:  # a labelled folder without val/: say what is lost
+        parent = os.path.dirname(os.path.abspath(args.data_dir))
+        fix = (f"pass --data-dir {parent}, which holds train/ and val/" if os.path.isdir(os.path.join(parent, "val"))
+               and os.path.basename(os.path.abspath(args.data_dir)) == "train" else
+               f"put labelled images in {os.path.join(args.data_dir, 'val')}, one sub-folder per class as in training")
+        print(f"{args.data_dir} has labels but no val/ folder: no probe validation, kNN or UMAP in this run; {fix}",
+              flush=True)
     if args.train_subset:  # the first N images: quick experiments and tests
         full, train_set = train_set, torch.utils.data.Subset(train_set, range(min(args.train_subset, len(train_set))))
         train_set.num_classes, train_set.image_size = full.num_classes, full.image_size
@@ -269,11 +283,12 @@ def build_data(args, run):
                                 pin_memory=run.device.type == "cuda")
     labelled = val_set is not None
     run.accumulation = Accumulation(args.accumulate_steps, len(loader))
+    run.open_outputs()  # the data is read and its loaders built: now the run folder may be written
     return SimpleNamespace(  # steps_per_epoch counts optimizer steps
         loader=loader, num_classes=train_set.num_classes, steps_per_epoch=run.accumulation.steps_per_epoch,
         batches_per_epoch=len(loader), train_size=len(train_set),
         val=eval_loader(val_set) if labelled else None, knn_train=eval_loader(train_set) if labelled else None,
-        val_size=len(val_set) if labelled else 0)
+        val_size=len(val_set) if labelled else 0, class_names=class_names)
 
 
 def prepare_model(model, run, trained=True):
@@ -418,7 +433,7 @@ def evaluate(run, datasets, backbone, probe, epoch, final=False):
         if umap_now and run.is_main:
             from common.plots import umap_png  # umap-learn imports slowly: only when drawing
             umap_png(val_feats.cpu(), val_labels.cpu(), os.path.join(args.out_dir, "umap.png"),
-                     f"{args.method} on {args.dataset}, epoch {epoch}")
+                     f"{args.method} on {args.dataset}, epoch {epoch}", class_names=datasets.class_names)
     return metrics
 
 
@@ -446,6 +461,7 @@ def finish(run, backbone, feature_dim):
     if run.is_main:
         args = run.args
         meta = backbones.backbone_metadata(args.backbone, args.crop_size, feature_dim, args.method)
-        checkpoint.export_backbone(os.path.join(args.out_dir, "backbone.pt"), backbone, {**meta, "dataset": args.dataset})
+        checkpoint.export_backbone(os.path.join(args.out_dir, "backbone.pt"), backbone,
+                                   {**meta, "dataset": args.dataset, "data_dir": os.path.abspath(args.data_dir)})
         if args.umap_every >= 0:
             draw_curves(args)

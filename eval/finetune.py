@@ -73,7 +73,9 @@ def build_parser():
                    help="backbone.pt written by a method script [required]")
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to fine-tune on [default: the one stored in --ckpt]")
-    p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
+                        "the run's; else ./data]")
     p.add_argument("--fraction", type=cli.fraction, default=1.0,
                    help="train on a class-balanced fraction of the labelled images, drawn with --seed (0.01 and 0.1: "
                         "the SSL papers' 1%% / 10%% protocols) [default: all]")
@@ -104,7 +106,7 @@ def build_parser():
                         "and drop path [default: %(default)s]")
     p.add_argument("--out-dir", default=None,
                    help="run folder: last.pt, metrics.jsonl, finetune.json [default: finetune or "
-                        "finetune-<fraction> next to --ckpt]")
+                        "finetune-<fraction> next to --ckpt; finetune-<dataset>... for data other than the run's]")
     p.add_argument("--resume", default=None, help="last.pt to resume from [default: <out-dir>/last.pt when it exists]")
     p.add_argument("--max-steps", type=cli.nonneg_int, default=0,
                    help="stop after this many optimizer steps in all, as if training had ended (0: off) [default: 0]")
@@ -129,11 +131,9 @@ def resolve(args, meta):
         raise UsageError(f"--layer-decay and --drop-path need a ViT or Swin; {args.ckpt} holds a {meta['name']}")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UsageError(f"mixup and cutmix pair each image with another: --batch-size {args.batch_size} must be even")
-    args.dataset = args.dataset or meta.get("dataset")
-    if args.dataset is None:
-        raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
+    args.dataset, args.data_dir, tag = checkpoint.eval_data(args.ckpt, meta, args.dataset, args.data_dir)
     if args.out_dir is None:
-        name = "finetune" if args.fraction == 1 else f"finetune-{args.fraction:g}"
+        name = f"finetune{tag}" if args.fraction == 1 else f"finetune{tag}-{args.fraction:g}"
         args.out_dir = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
     cli.check_out_dir(args.out_dir)
     # What common.run.Run and prepare_model read.
@@ -211,6 +211,7 @@ def train(args):
     if len(train_set) // run.world_size < args.batch_size:  # 1% of a small set: say which flag to change
         raise UsageError(f"{len(train_set)} training images ({len(train_set) // run.world_size} per process) are "
                          f"fewer than --batch-size {args.batch_size}: pass a smaller --batch-size")
+    run.open_outputs()  # the data is read: now the run folder may be written
     size = meta["image_size"]
     mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
     # The deterministic loader of the method scripts: batches a function of (seed, epoch, position), resumable

@@ -6,6 +6,10 @@ exp(cosine / temperature). No training, no augmentation: a quick, hyperparameter
 
     python eval/knn.py --ckpt runs/byol-cifar10/backbone.pt
     python eval/knn.py --ckpt runs/byol-cifar10/backbone.pt --k 20 --temperature 0.07
+
+The dataset and its folder default to the run's (recorded in backbone.pt). The result goes to knn.json beside
+the checkpoint, or knn-<dataset>.json when the data is not the run's (another --dataset, or another folder),
+so evaluating on other data never replaces the run's own result; --out names any other file.
 """
 import argparse
 import json
@@ -30,7 +34,9 @@ def build_parser():
     p.add_argument("--ckpt", required=True, help="backbone.pt written by a method script [required]")
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to evaluate on [default: the one stored in --ckpt]")
-    p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
+                        "the run's; else ./data]")
     p.add_argument("--k", type=cli.positive_int, default=200, help="neighbours per query [default: %(default)s]")
     # exp(1 / T) must fit a float32 (T >= 0.0114): 0.02 leaves a margin for every cosine in [-1, 1].
     p.add_argument("--temperature", type=cli.number_at_least(0.02), default=0.1,
@@ -41,7 +47,8 @@ def build_parser():
                    help="data-loading processes [default: %(default)s, min(8, CPUs)]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present, else CPU [default: %(default)s]")
-    p.add_argument("--out", default=None, help="JSON result file [default: knn.json next to --ckpt]")
+    p.add_argument("--out", default=None, help="JSON result file [default: knn.json next to --ckpt; "
+                   "knn-<dataset>.json for data other than the run's]")
     p.add_argument("--seed", type=cli.nonneg_int, default=0,
                    help="seed of the --max-train subset (and of the synthetic images) [default: %(default)s]")
     p.add_argument("--max-train", type=cli.positive_int, default=None,
@@ -53,11 +60,11 @@ def run(argv=None):
     args = build_parser().parse_args(argv)  # numbers are range-checked by their types
     device = dist.resolve_device(args.device)
     backbone, meta = load_backbone(args.ckpt)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "knn.json")
-    checkpoint.check_output_file(out, inputs=[args.ckpt])  # before the features: a result nobody can write is lost
-    args.dataset = args.dataset or meta.get("dataset")
-    if args.dataset is None:
-        raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
+    if args.out:  # before anything else: a result nobody can write is lost
+        checkpoint.check_output_file(args.out, inputs=[args.ckpt])
+    args.dataset, args.data_dir, tag = checkpoint.eval_data(args.ckpt, meta, args.dataset, args.data_dir)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"knn{tag}.json")
+    checkpoint.check_output_file(out, inputs=[args.ckpt])  # before the features
 
     train_set = data.load_dataset(args.dataset, args.data_dir, "train", args.seed)
     num_classes = train_set.num_classes
@@ -89,8 +96,8 @@ def run(argv=None):
                                          k=args.k, temperature=args.temperature)
 
     result = {"acc1": acc1, "acc5": acc5, "k": args.k, "temperature": args.temperature, "dataset": args.dataset,
-              "ckpt": str(args.ckpt), "train_images": len(train_set), "val_images": len(val_set),
-              "backbone": meta["name"], "method": meta.get("method")}
+              "data_dir": os.path.abspath(args.data_dir), "ckpt": str(args.ckpt), "train_images": len(train_set),
+              "val_images": len(val_set), "backbone": meta["name"], "method": meta.get("method")}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:  # atomic: a reader never sees half a file, a failed write leaves none
         checkpoint.write_atomic(out, lambda f: f.write(json.dumps(result, indent=2).encode()))

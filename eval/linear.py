@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import augment, data, dist, evaluation  # noqa: E402
+from common import augment, checkpoint, data, dist, evaluation  # noqa: E402
 from common.backbones import load_backbone  # noqa: E402
 from common.cli import (Parser, UsageError, fraction, nonneg_float, nonneg_int, positive_float,  # noqa: E402
                         positive_int, run_main)
@@ -72,7 +72,9 @@ def build_parser():
                    help="backbone.pt written by a method script [required]")
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to evaluate on [default: the one stored in --ckpt]")
-    p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
+                        "the run's; else ./data]")
     p.add_argument("--epochs", type=positive_int, default=100,
                    help="epochs of linear-layer training [default: %(default)s]")
     p.add_argument("--batch-size", type=positive_int, default=256, help="mini-batch size [default: %(default)s]")
@@ -89,7 +91,8 @@ def build_parser():
                    help="auto: CUDA when present, else CPU [default: %(default)s]")
     p.add_argument("--fast", action="store_true",
                    help="train on features extracted once, without augmentation [default: off]")
-    p.add_argument("--out", default=None, help="JSON result file [default: linear.json next to --ckpt]")
+    p.add_argument("--out", default=None, help="JSON result file [default: linear.json next to --ckpt; "
+                   "linear-<dataset>.json for data other than the run's]")
     p.add_argument("--seed", type=nonneg_int, default=0,
                    help="seed of the layer init, shuffling, augmentation, --max-train subset [default: %(default)s]")
     p.add_argument("--max-train", type=positive_int, default=None,
@@ -205,9 +208,7 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     device = dist.resolve_device(args.device)
     backbone, meta = load_backbone(args.ckpt)
-    args.dataset = args.dataset or meta.get("dataset")
-    if args.dataset is None:
-        raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
+    args.dataset, args.data_dir, tag = checkpoint.eval_data(args.ckpt, meta, args.dataset, args.data_dir)
     args.base_lr, args.lr = linear_lr(meta.get("method"), args.batch_size, args.lr, args.dataset)
     if args.weight_decay is None:
         args.weight_decay = linear_recipe(meta.get("method"), args.dataset)[1]
@@ -247,7 +248,7 @@ def run(argv=None):
               "weight_decay": args.weight_decay, "batch_size": args.batch_size, "train_images": len(train_set),
               "val_images": len(val_set), "backbone": meta["name"], "method": meta.get("method"),
               "fraction": args.fraction, "train_indexes": getattr(train_set, "indices", None), "history": history}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "linear.json")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"linear{tag}.json")
     write_json(result, out)
     print(f"linear eval ({result['mode']}) of {args.ckpt} on {args.dataset}: "
           f"acc@1 {final['acc1']:.2f}  acc@5 {final['acc5']:.2f}  (lr {args.lr:g})  -> {out}")

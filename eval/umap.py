@@ -32,7 +32,9 @@ def build_parser():
     p.add_argument("--ckpt", required=True, help="backbone.pt written by a method script [required]")
     p.add_argument("--dataset", choices=data.DATASETS, default=None,
                    help="dataset to draw [default: the one stored in --ckpt]")
-    p.add_argument("--data-dir", default="./data", help="where the dataset lives [default: %(default)s]")
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
+                        "the run's; else ./data]")
     p.add_argument("--split", choices=("val", "train"), default="val",
                    help="which split to draw [default: %(default)s]")
     p.add_argument("--max-points", type=cli.int_at_least(3), default=10000,
@@ -43,7 +45,8 @@ def build_parser():
                    help="data-loading processes [default: %(default)s, min(8, CPUs)]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present, else CPU [default: %(default)s]")
-    p.add_argument("--out", default=None, help="PNG file [default: umap-<split>.png next to --ckpt]")
+    p.add_argument("--out", default=None, help="PNG file [default: umap-<split>.png next to --ckpt; "
+                   "umap-<dataset>-<split>.png for data other than the run's]")
     p.add_argument("--seed", type=cli.nonneg_int, default=0,
                    help="seed of the subset, of UMAP (and of the synthetic images) [default: %(default)s]")
     return p
@@ -53,16 +56,17 @@ def run(argv=None):
     args = build_parser().parse_args(argv)  # numbers are range-checked by their types
     device = dist.resolve_device(args.device)
     backbone, meta = load_backbone(args.ckpt)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"umap-{args.split}.png")
-    checkpoint.check_output_file(out, inputs=[args.ckpt])  # before the features: a picture nobody can write is lost
-    args.dataset = args.dataset or meta.get("dataset")
-    if args.dataset is None:
-        raise UsageError(f"{args.ckpt} does not name its dataset: pass --dataset")
+    if args.out:  # before anything else: a picture nobody can write is lost
+        checkpoint.check_output_file(args.out, inputs=[args.ckpt])
+    args.dataset, args.data_dir, tag = checkpoint.eval_data(args.ckpt, meta, args.dataset, args.data_dir)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"umap{tag}-{args.split}.png")
+    checkpoint.check_output_file(out, inputs=[args.ckpt])  # before the features
     dataset = data.load_dataset(args.dataset, args.data_dir, args.split, args.seed)
     if dataset is None:
         raise UsageError(f"{args.data_dir} has no val/ folder: pass --split train")
     if len(dataset) < 3:
         raise UsageError(f"the {args.split} split of {args.dataset} has {len(dataset)} images: UMAP needs at least 3")
+    class_names = getattr(dataset, "classes", None)  # the legend's names
     if len(dataset) > args.max_points:
         # Subsample before the backbone, not after: features of images not drawn are wasted work.
         chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:args.max_points]
@@ -82,7 +86,7 @@ def run(argv=None):
     print(f"fitting UMAP to {len(features)} features (the first fit compiles numba code: ~15 s)", flush=True)
     try:
         umap_png(features, labels, out, f"{meta.get('method', '?')} {meta['name']}: {args.dataset} {args.split}",
-                 max_points=args.max_points, seed=args.seed)
+                 max_points=args.max_points, seed=args.seed, class_names=class_names)
     except OSError as error:  # disk full, folder removed meanwhile: umap_png leaves no half file
         raise RunError(f"could not write {out} ({error.strerror or error})")
     print(f"UMAP of {len(features)} {args.split} images of {args.dataset} -> {out}")

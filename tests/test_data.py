@@ -299,6 +299,7 @@ def test_cifar_files_load_as_chw(tmp_path, monkeypatch):
         pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
     val = data.load_dataset("cifar10", str(tmp_path), "val")
     assert len(val) == 4 and val.num_classes == 10 and val.image_size == 32
+    assert val.classes == [str(i) for i in range(10)]  # batches.meta's label names: the UMAP legend's
     assert val.images.shape == (4, 3, 32, 32) and val.images.is_contiguous()
     assert val.images[2, 1].unique().tolist() == [7]  # image 2, channel 1 of the CHW rows
     assert val[3][1] == 3

@@ -1,6 +1,7 @@
 """Training curves: curves_png and eval/plot.py on metrics files written here (no training needed)."""
 import json
 
+import torch
 
 from common.plots import curves_png, read_epochs
 from conftest import run_script
@@ -49,3 +50,38 @@ def test_plot_script_overlays_runs_and_rejects_a_folder_that_is_no_run(tmp_path)
     proc = run_script("eval/plot.py", tmp_path / "empty", "--out", tmp_path / "x.png", check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'empty'} has no metrics.jsonl: pass the --out-dir of a training run"]
+
+
+def captured_figures(monkeypatch):
+    """The figures common.plots would save, kept open for inspection instead of written."""
+    from common import plots
+    figures = []
+    monkeypatch.setattr(plots, "save_png", lambda figure, path, dpi: figures.append(figure))
+    return figures
+
+
+def test_curves_count_epochs_from_0_and_say_when_knn_ran_once(tmp_path, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    every_other = read_epochs(write_run(tmp_path / "a", "byol", 4) / "metrics.jsonl")  # kNN at epochs 1 and 3
+    curves_png([("byol", every_other)], tmp_path / "a.png")
+    loss, probe, knn = figures[-1].axes
+    # metrics.jsonl, the progress bar and the UMAP title count epochs from 0: so does the x axis.
+    assert list(loss.lines[0].get_xdata()) == [0, 1, 2, 3] and list(knn.lines[0].get_xdata()) == [1, 3]
+    assert not [t for t in knn.texts if "--knn-every" in t.get_text()]
+    at_end = [m if m["epoch"] == 3 else {k: v for k, v in m.items() if k != "knn_acc1"} for m in every_other]
+    curves_png([("byol", at_end)], tmp_path / "b.png")
+    knn = figures[-1].axes[2]
+    assert list(knn.lines[0].get_xdata()) == [3]
+    assert [t.get_text() for t in knn.texts] == ["kNN ran at the end only:\ntrain with --knn-every N for a curve"]
+
+
+def test_umap_legend_names_the_classes(tmp_path, monkeypatch):
+    from common.plots import scatter_png
+    figures = captured_figures(monkeypatch)
+    points = torch.arange(12, dtype=torch.float32).view(6, 2).numpy()
+    labels = torch.tensor([2, 0, 1, -1, 0, 2])
+    scatter_png(points, labels, tmp_path / "u.png", "t", class_names=["disk", "square", "triangle"])
+    legend = [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()]
+    assert legend == ["unlabelled", "disk", "square", "triangle"]
+    scatter_png(points, labels, tmp_path / "u.png", "t")  # no names (a dataset without them): the indices
+    assert [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()] == ["unlabelled", "0", "1", "2"]
