@@ -76,7 +76,7 @@ def every_n(text):
 
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "imagenet100", "folder", "synthetic")
-RECIPE_FAMILIES = ("cifar", "imagenet", "synthetic")  # what --recipe offers: the keys of every script's RECIPES
+RECIPE_FAMILIES = ("cifar", "imagenet", "imagenet1k", "synthetic")  # what --recipe offers: the keys of RECIPES
 RECIPE_FAMILY = {"cifar10": "cifar", "cifar100": "cifar", "stl10": "imagenet", "imagenet": "imagenet1k",
                  "imagenet100": "imagenet", "folder": "imagenet", "synthetic": "synthetic"}
 # "imagenet" is the ImageNet-100 recipe (solo-learn's scripts/pretrain/imagenet-100/). "imagenet1k" is
@@ -136,8 +136,9 @@ def parser(method, doc, recipes):
     presets = "; ".join(f"{name}: {what}" for name, what in augment.PRESET_HELP.items())
     data("--dataset", help="dataset to pretrain on [default: synthetic]", choices=DATASETS)
     data("--recipe", help="recipe family, for any dataset: cifar (32px crops, CIFAR stem, 1000 epochs), imagenet "
-         "(224px crops, 400 epochs), synthetic (CPU-sized: resnet_narrow, 16px crops, 20-40 epochs) [default: the "
-         "dataset's: cifar for cifar10/100, synthetic for synthetic, imagenet for the others, but cifar for a "
+         "(ImageNet-100: 224px crops, 400 epochs), imagenet1k (ImageNet-1k, where the method has one, else imagenet), "
+         "synthetic (CPU-sized: resnet_narrow, 16px crops, 20-40 epochs) [default: the dataset's: cifar for "
+         "cifar10/100, synthetic for synthetic, imagenet1k for imagenet, imagenet for the others, but cifar for a "
          f"folder whose images are at most {SMALL_IMAGE_SIDE}px]", choices=RECIPE_FAMILIES)
     data("--data-dir", help="where datasets live (torchvision sets are downloaded here)")
     data("--train-subset", nonneg_int, "train on the first N images and validate on at most max(N, 256) "
@@ -233,6 +234,8 @@ def resolve(p, argv, method, recipes):
     own = recipe_family(args.dataset, recipes)
     args.recipe = args.recipe or (folder_recipe(args.data_dir or GENERIC_DEFAULTS["data_dir"], recipes["cifar"])
                                   if args.dataset == "folder" else own)
+    if args.recipe not in recipes:  # --recipe imagenet1k for a method without one: its ImageNet-100 recipe
+        args.recipe = FALLBACK_FAMILY[args.recipe]
     filled = {**GENERIC_DEFAULTS, **recipes[args.recipe], **(DATASET_OVERRIDES.get(args.dataset, {})
                                                               if args.recipe == own else {})}
     for key, value in filled.items():
