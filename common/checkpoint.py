@@ -11,8 +11,10 @@ last.pt, an empty, truncated or corrupt file, a folder, a newer format.
 import contextlib
 import io
 import json
+import logging
 import os
 import random
+import socket
 import sys
 import warnings
 import zipfile
@@ -257,15 +259,24 @@ def _pretrained_state_dict(source):
             raise UsageError(f"--init {source}: torchvision has no model named {name!r} (e.g. torchvision:resnet50)")
         said = io.StringIO()  # torch.hub's "Downloading: ..." line: shown once the download worked
         try:
-            with contextlib.redirect_stderr(said):
+            with contextlib.redirect_stdout(said):
                 state = weights.get_state_dict(progress=False)
-            sys.stderr.write(said.getvalue())
+            sys.stdout.write(said.getvalue())
             return state
         except OSError as error:  # URLError and socket errors are OSErrors
             folder = os.path.join(torch.hub.get_dir(), "checkpoints")
             raise UsageError(f"--init {source}: cannot download {weights.url} ({error}): fetch that file on a machine "
                              f"online and put it in {folder}/, or pass the file itself to --init") from None
     import timm
+    from huggingface_hub import constants as hub_constants
+    try:  # no network (no DNS): offline mode at once (the cache still serves), not a minute of retries
+        socket.getaddrinfo("huggingface.co", 443)
+        offline = hub_constants.HF_HUB_OFFLINE
+    except OSError:
+        offline = True
+    was_offline, logger = hub_constants.HF_HUB_OFFLINE, logging.getLogger("huggingface_hub")
+    level, hub_constants.HF_HUB_OFFLINE = logger.level, offline
+    logger.setLevel(logging.ERROR)  # its retry warnings would bury the one line below
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0)
     except RuntimeError as error:
@@ -279,6 +290,9 @@ def _pretrained_state_dict(source):
         raise UsageError(f"--init {source}: cannot download its weights ({type(error).__name__}): fetch {where} on a "
                          "machine online and pass that file to --init (or run once online: timm caches it in "
                          "~/.cache/huggingface)") from None
+    finally:
+        hub_constants.HF_HUB_OFFLINE = was_offline
+        logger.setLevel(level)
     return model.state_dict()
 
 
