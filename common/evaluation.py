@@ -286,10 +286,12 @@ def health_metrics(backbone, embed, clean, pairs, sizes, device, channels_last=F
     return metrics
 
 
-# A collapsing representation (docs/health.md, where the thresholds are measured): the embedding's effective rank
-# under this fraction of its maximum, or the std of the normalised embedding under this fraction of 1/sqrt(D).
-COLLAPSE_RANK_FRACTION = 0.01
-COLLAPSE_STD_FRACTION = 0.1
+# A collapsing representation (docs/health.md, where these thresholds are measured on synthetic runs). Collapsed:
+# the embedding's effective rank under COLLAPSED_RANK of its maximum, or the std of its normalised rows under
+# COLLAPSED_STD of 1/sqrt(D). Collapsing, once past the warmup (a network near its random init has a narrow cone of
+# embeddings: rank and std both low): the rank under PARTIAL_RANK of its maximum and the std under PARTIAL_STD.
+COLLAPSED_RANK, COLLAPSED_STD = 0.02, 0.1
+PARTIAL_RANK, PARTIAL_STD = 0.1, 0.25
 _CAUSES = {  # the usual causes per family of methods, named in the warning
     ("byol", "nnbyol", "all4one", "mocov3"): "a target momentum too low (--base-tau), a predictor lr too high",
     ("simsiam", "nnsiam"): "a predictor lr that decays or is too high, a missing stop-gradient",
@@ -300,17 +302,15 @@ _CAUSES = {  # the usual causes per family of methods, named in the warning
 }
 
 
-def collapse_warning(metrics, method):
-    """One line when health_metrics' `metrics` show a collapsing embedding (None when healthy): what was seen,
-    and the likely causes for `method`'s family."""
-    seen = []
-    if metrics["health_rank_embed"] < COLLAPSE_RANK_FRACTION * metrics["health_rank_embed_max"]:
-        seen.append(f"effective rank {metrics['health_rank_embed']:.2f} of at most {metrics['health_rank_embed_max']}")
-    if metrics["health_std"] < COLLAPSE_STD_FRACTION * metrics["health_std_healthy"]:
-        seen.append(f"std of the normalised embedding {metrics['health_std']:.2g} (healthy: about "
-                    f"{metrics['health_std_healthy']:.2g})")
-    if not seen:
+def collapse_warning(metrics, method, settled=True):
+    """One line when health_metrics' `metrics` show a collapsing embedding (None when healthy): what was seen and
+    the likely causes for `method`'s family. settled: past the warmup, where the partial-collapse rule applies."""
+    rank, max_rank = metrics["health_rank_embed"], metrics["health_rank_embed_max"]
+    std, healthy = metrics["health_std"], metrics["health_std_healthy"]
+    collapsed = rank < COLLAPSED_RANK * max_rank or std < COLLAPSED_STD * healthy
+    if not (collapsed or settled and rank < PARTIAL_RANK * max_rank and std < PARTIAL_STD * healthy):
         return None
     causes = next((c for names, c in _CAUSES.items() if method in names), "")
-    return (f"the representation is collapsing ({'; '.join(seen)}): likely an lr too high (--lr)"
-            f"{', ' + causes if causes else ''} (docs/health.md)")
+    return (f"the representation is {'collapsed' if collapsed else 'collapsing'} (effective rank {rank:.2f} of at "
+            f"most {max_rank}, std of the normalised embedding {std:.2g}, healthy about {healthy:.2g}): likely an lr "
+            f"too high (--lr){', ' + causes if causes else ''} (docs/health.md)")

@@ -382,7 +382,8 @@ def evaluate(run, datasets, backbone, probe, epoch, final=False, embed=None):
         with torch.random.fork_rng(devices=[]):
             metrics = evaluation.health_metrics(backbone, embed, datasets.health, datasets.health_pairs,
                                                 datasets.health_sizes, sharded=True, **ctx)
-        if epoch >= 0 and (warning := evaluation.collapse_warning(metrics, args.method)):
+        settled = epoch + 1 > args.warmup_epochs
+        if epoch >= 0 and (warning := evaluation.collapse_warning(metrics, args.method, settled)):
             run.print(f"warning: epoch {epoch}: {warning}")
     if datasets.val is None:
         return metrics

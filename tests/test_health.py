@@ -65,17 +65,26 @@ def health(embeddings, max_rank=None):
 
 def test_the_collapse_warning_fires_on_collapse_and_names_causes():
     g = torch.Generator().manual_seed(0)
-    healthy = torch.randn(512, 64, generator=g)
+    healthy = torch.randn(512, 64, generator=g)  # rank ~64 of 64, std ~1/8: far from every threshold
     assert collapse_warning(health(healthy), "byol") is None
     one_point = torch.randn(64, generator=g) + 1e-4 * torch.randn(512, 64, generator=g)  # std ~1e-4 / 8 << 0.1 / 8
     warning = collapse_warning(health(one_point), "byol")
-    assert "collapsing" in warning and "std of the normalised embedding" in warning and "momentum" in warning
-    assert "\n" not in warning
-    # a line (rank one) through spread points: std fine, rank 1 of 64
+    assert warning.startswith("the representation is collapsed") and "momentum" in warning and "\n" not in warning
+    # a line through the origin: the normalised rows are +-v, rank 1 < 0.02 * 64 while the std is healthy-sized
+    # (|v_i| / |v| per coordinate, averaging sqrt(2 / pi) / 8 for a Gaussian v)
     line = torch.randn(512, 1, generator=g) * torch.randn(1, 64, generator=g)
-    warning = collapse_warning(health(line), "simclr")
-    assert "effective rank 1.00 of at most 64" in warning and "temperature" in warning
-    assert "std" not in warning.split("):")[0]
+    metrics = health(line)
+    assert metrics["health_std"] > 0.5 / 8 and "effective rank 1.00 of at most 64" in collapse_warning(metrics, "simclr")
+    assert "temperature" in collapse_warning(metrics, "simclr")
+    # partial collapse: 4 directions of 64 (rank ~4 < 0.1 * 64, over 0.02 * 64) around a common mean that puts the
+    # normalised rows in a cone (std under 0.25 / 8): flagged once the warmup is over, not before
+    g = torch.Generator().manual_seed(1)  # mean |10 m| ~ 80 against spreads ~ 16: std ~ (16 / 80) / 8 << 0.25 / 8
+    cone = 10 * torch.randn(64, generator=g) + torch.randn(512, 4, generator=g) @ torch.randn(4, 64, generator=g)
+    metrics = health(cone)
+    assert 0.02 * 64 < metrics["health_rank_embed"] < 0.1 * 64 and metrics["health_std"] < 0.25 / 8
+    assert collapse_warning(metrics, "vicreg", settled=False) is None
+    assert collapse_warning(metrics, "vicreg").startswith("the representation is collapsing")
+    assert "decorrelation" in collapse_warning(metrics, "vicreg") and "families" not in collapse_warning(metrics, "mae")
 
 
 # ---- the health pass of evaluate(), in process, on a few synthetic images ----
@@ -140,4 +149,4 @@ def test_a_collapsed_embedding_prints_one_warning_line(health_run, capsys):
     metrics = run_module.evaluate(run, datasets, backbone, None, 3, embed=constant)
     assert metrics["health_std"] == 0 and metrics["health_alignment"] == 0 and metrics["health_uniformity"] == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
-    assert len(lines) == 1 and lines[0].startswith("warning: epoch 3: the representation is collapsing")
+    assert len(lines) == 1 and lines[0].startswith("warning: epoch 3: the representation is collapsed")
