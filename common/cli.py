@@ -156,7 +156,8 @@ def parser(method, doc, recipes):
     opt("--probe-lr", nonneg_float, "online linear probe lr (scaled like --lr)")
     opt("--grad-clip", nonneg_float, "clip the gradient norm to this value (0: off)")
     opt("--init", help="start the backbone from these weights: a backbone.pt, a torchvision or timm checkpoint "
-        "file, torchvision:<name> or timm:<name> (their pretrained weights); heads start fresh [default: none]")
+        "file, torchvision:<name> or timm:<name> (their pretrained weights); heads start fresh [default: none]",
+        metavar="SOURCE")
     opt("--freeze-backbone-epochs", nonneg_int, "train only the heads on the frozen backbone for the first N "
         "epochs, then everything (with --init: fresh heads first)")
     run("--seed", nonneg_int, "seed of model init, data order and augmentations")
@@ -207,6 +208,9 @@ def resolve(p, argv, method, recipes):
         what = "is a folder, not a file" if os.path.isdir(args.resume) else "no such file"
         raise UsageError(f"--resume {args.resume}: {what} (pass a last.pt; omit --resume to continue from "
                          "<out-dir>/last.pt)")
+    if args.init and not args.init.startswith(("torchvision:", "timm:")) and not os.path.isfile(args.init):
+        raise UsageError(f"--init {args.init}: no such file (pass a backbone.pt, a torchvision or timm checkpoint "
+                         "file, torchvision:<name> or timm:<name>)")
     if args.channels_last is None:
         args.channels_last = args.backbone.startswith("resnet")
     return args

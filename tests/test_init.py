@@ -38,6 +38,10 @@ def test_a_backbone_pt_of_ours_loads_and_names_another_architecture(tmp_path):
     with pytest.raises(UsageError, match=r"holds a resnet_narrow with the CIFAR stem \(16px\), this run builds a "
                                          r"resnet_narrow \(64px\): pass --backbone resnet_narrow --crop-size 16"):
         checkpoint.init_state_dict(str(path), seeded("resnet_narrow", 64), "resnet_narrow", 64)
+    import byol  # a path that is no file: one line before anything is written
+    with pytest.raises(UsageError, match=r"--init nowhere.pt: no such file \(pass a backbone.pt"):
+        byol.parse_args(["--init", "nowhere.pt", "--out-dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
     (tmp_path / "last.pt").write_bytes(b"")
     with pytest.raises(UsageError, match="the file is empty"):
         checkpoint.init_state_dict(str(tmp_path / "last.pt"), target, "resnet_narrow", 16)
