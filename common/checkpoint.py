@@ -352,8 +352,9 @@ def init_state_dict(source, backbone, name, image_size):
         listed = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")  # noqa
         parts = [f"missing keys {listed(missing)}" if missing else "", f"unexpected keys {listed(unexpected)}"
                  if unexpected else "", f"shapes (file vs model) {listed(shapes)}" if shapes else ""]
-        stem = " (below 64px our ResNets use a 3x3 CIFAR stem: ImageNet weights need --crop-size 64 or more)" \
-            if any(s.startswith("conv1.weight") for s in shapes) else ""
+        stem = " (below 64px our ResNets use a 3x3 CIFAR stem, ViT and Swin smaller patches: ImageNet weights need " \
+            "--crop-size 64 or more)" if image_size < 64 and any(s.startswith(("conv1.weight", "patch_embed"))
+                                                                for s in shapes) else ""
         raise UsageError(f"--init {source} ({what}) does not fit this run's {name} at {image_size}px: "
                          f"{'; '.join(p for p in parts if p)}{stem}")
     return state
