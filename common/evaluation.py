@@ -288,10 +288,11 @@ def health_metrics(backbone, embed, clean, pairs, sizes, device, channels_last=F
 
 # A collapsing representation (docs/health.md, where these thresholds are measured on synthetic runs). Collapsed:
 # the embedding's effective rank under COLLAPSED_RANK of its maximum, or the std of its normalised rows under
-# COLLAPSED_STD of 1/sqrt(D). Collapsing, once past the warmup (a network near its random init has a narrow cone of
-# embeddings: rank and std both low): the rank under PARTIAL_RANK of its maximum and the std under PARTIAL_STD.
-COLLAPSED_RANK, COLLAPSED_STD = 0.02, 0.1
-PARTIAL_RANK, PARTIAL_STD = 0.1, 0.25
+# COLLAPSED_STD of 1/sqrt(D). Collapsing: the rank has fallen under DECLINE of the best rank this run measured, and
+# it is under PARTIAL_RANK of its maximum while the std is under PARTIAL_STD of 1/sqrt(D) (a network near its
+# random init sits that low too, which is why the fall is required).
+COLLAPSED_RANK, COLLAPSED_STD = 0.02, 0.05
+PARTIAL_RANK, PARTIAL_STD, DECLINE = 0.1, 0.25, 0.25
 _CAUSES = {  # the usual causes per family of methods, named in the warning
     ("byol", "nnbyol", "all4one", "mocov3"): "a target momentum too low (--base-tau), a predictor lr too high",
     ("simsiam", "nnsiam"): "a predictor lr that decays or is too high, a missing stop-gradient",
@@ -302,15 +303,17 @@ _CAUSES = {  # the usual causes per family of methods, named in the warning
 }
 
 
-def collapse_warning(metrics, method, settled=True):
+def collapse_warning(metrics, method, best_rank=None):
     """One line when health_metrics' `metrics` show a collapsing embedding (None when healthy): what was seen and
-    the likely causes for `method`'s family. settled: past the warmup, where the partial-collapse rule applies."""
+    the likely causes for `method`'s family. best_rank: the highest embedding rank of this run so far, if any."""
     rank, max_rank = metrics["health_rank_embed"], metrics["health_rank_embed_max"]
     std, healthy = metrics["health_std"], metrics["health_std_healthy"]
     collapsed = rank < COLLAPSED_RANK * max_rank or std < COLLAPSED_STD * healthy
-    if not (collapsed or settled and rank < PARTIAL_RANK * max_rank and std < PARTIAL_STD * healthy):
+    falling = best_rank is not None and rank < DECLINE * best_rank
+    if not (collapsed or falling and rank < PARTIAL_RANK * max_rank and std < PARTIAL_STD * healthy):
         return None
     causes = next((c for names, c in _CAUSES.items() if method in names), "")
+    seen = "" if collapsed else f", down from {best_rank:.1f}"
     return (f"the representation is {'collapsed' if collapsed else 'collapsing'} (effective rank {rank:.2f} of at "
-            f"most {max_rank}, std of the normalised embedding {std:.2g}, healthy about {healthy:.2g}): likely an lr "
-            f"too high (--lr){', ' + causes if causes else ''} (docs/health.md)")
+            f"most {max_rank}{seen}, std of the normalised embedding {std:.2g}, healthy about {healthy:.2g}): likely "
+            f"an lr too high (--lr){', ' + causes if causes else ''} (docs/health.md)")

@@ -382,9 +382,11 @@ def evaluate(run, datasets, backbone, probe, epoch, final=False, embed=None):
         with torch.random.fork_rng(devices=[]):
             metrics = evaluation.health_metrics(backbone, embed, datasets.health, datasets.health_pairs,
                                                 datasets.health_sizes, sharded=True, **ctx)
-        settled = epoch + 1 > args.warmup_epochs
-        if epoch >= 0 and (warning := evaluation.collapse_warning(metrics, args.method, settled)):
-            run.print(f"warning: epoch {epoch}: {warning}")
+        if epoch >= 0 and embed is not None:  # joint-embedding methods only (MAE's loss sees pixels: no collapse)
+            # the best embedding rank since this process started: a collapse is a fall from it
+            run.best_rank = max(getattr(run, "best_rank", 0.0), metrics["health_rank_embed"])
+            if warning := evaluation.collapse_warning(metrics, args.method, run.best_rank):
+                run.print(f"warning: epoch {epoch}: {warning}")
     if datasets.val is None:
         return metrics
     knn_now, umap_now = now(args.knn_every), now(args.umap_every) and epoch >= 0
