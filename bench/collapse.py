@@ -1,7 +1,8 @@
 """Deliberately collapsed runs, to see what the health metrics (docs/health.md) do when a representation collapses:
 
-    python bench/collapse.py simsiam-no-stopgrad --epochs 3 --out-dir runs/simsiam-no-stopgrad
-    python bench/collapse.py byol --lr 100 ...        # BYOL's recipe with a lr x100 is a plain byol.py run
+    python bench/collapse.py simsiam-no-stopgrad --dataset synthetic --epochs 3 --train-subset 2048 \
+        --batch-size 64 --lr 0.24 --out-dir runs/simsiam-no-stopgrad
+    python byol.py --dataset synthetic --epochs 3 --train-subset 2048 --lr 0.2    # BYOL at 100x its lr: no patch needed
 
 `simsiam-no-stopgrad` runs simsiam.py with its loss replaced by the same loss without the stop-gradient (the
 projections z get gradients too), which Chen & He (2021) show collapses; any other flag goes to simsiam.py.
