@@ -208,7 +208,7 @@ def train(args):
         if labelled:  # the epoch's mean nn_acc, averaged over ranks: one sync at the epoch's end
             (nn_acc_total,), _, _ = run.read_flags([nn_acc_sum])
             extra["nn_acc"] = nn_acc_total / max(1, meter.steps)
-        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
+        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final, embed=model.projector)
         epoch_summary(run, meter, step, lr, metrics, extra)
         epoch += finished_epoch
         save(epoch, step)

@@ -203,7 +203,7 @@ def train(args):
         if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
             run.preempted(stop, last_pt, epoch, step)
-        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
+        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final, embed=model.projector)
         if labelled:  # the epoch's mean over steps and ranks: one sync, at the epoch's end
             metrics["nn_acc"] = dist.all_reduce_mean(nn_acc_sum).item() / max(1, meter.steps)
         epoch_summary(run, meter, step, lr, metrics)

@@ -189,7 +189,7 @@ def train(args):
         if stop and stop != "max_steps":  # preempted: save and leave (exit status 3), evaluation can wait
             save(epoch, step)
             run.preempted(stop, last_pt, epoch, step)
-        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final=final)
+        metrics = evaluate(run, datasets, model.backbone, model.probe, epoch, final, embed=model.projector)
         epoch_summary(run, meter, step, lr, metrics, {"tau": tau})
         epoch += finished_epoch
         save(epoch, step)

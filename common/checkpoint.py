@@ -9,9 +9,13 @@ into one line naming what the file is: the other kind, an eval/export.py export,
 last.pt, an empty, truncated or corrupt file, a folder, a newer format.
 """
 import contextlib
+import io
 import json
+import logging
 import os
 import random
+import socket
+import sys
 import warnings
 import zipfile
 
@@ -270,3 +274,121 @@ def eval_data(ckpt, meta, dataset=None, data_dir=None):
         return dataset, data_dir, ""
     folder = f"-{os.path.basename(os.path.normpath(os.path.abspath(data_dir)))}" if dataset in FOLDER_DATASETS else ""
     return dataset, data_dir, f"-{dataset}{folder}"
+
+
+# ---- --init: backbone weights to start from ----
+CLASSIFIER_PREFIXES = ("fc.", "head.")  # torchvision ResNets' and timm models' classifiers: our backbones have none
+WRAPPER_PREFIXES = ("module.", "backbone.", "encoder.")  # DDP, and trainers that keep the network as a submodule
+
+
+def _pretrained_state_dict(source):
+    """The state dict of `torchvision:<name>` or `timm:<name>`, downloaded by that library into its cache (once);
+    offline, a one-line UsageError naming the file to fetch and where to put it."""
+    library, _, name = source.partition(":")
+    if library == "torchvision":
+        import torchvision
+        try:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+        except (ValueError, KeyError):
+            raise UsageError(f"--init {source}: torchvision has no model named {name!r} (e.g. torchvision:resnet50)")
+        said = io.StringIO()  # torch.hub's "Downloading: ..." line: shown once the download worked
+        try:
+            with contextlib.redirect_stdout(said):
+                state = weights.get_state_dict(progress=False)
+            sys.stdout.write(said.getvalue())
+            return state
+        except OSError as error:  # URLError and socket errors are OSErrors
+            folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+            raise UsageError(f"--init {source}: cannot download {weights.url} ({error}): fetch that file on a machine "
+                             f"online and put it in {folder}/, or pass the file itself to --init") from None
+    import timm
+    from huggingface_hub import constants as hub_constants
+    try:  # no network (no DNS): offline mode at once (the cache still serves), not a minute of retries
+        socket.getaddrinfo("huggingface.co", 443)
+        offline = hub_constants.HF_HUB_OFFLINE
+    except OSError:
+        offline = True
+    was_offline, logger = hub_constants.HF_HUB_OFFLINE, logging.getLogger("huggingface_hub")
+    level, hub_constants.HF_HUB_OFFLINE = logger.level, offline
+    logger.setLevel(logging.ERROR)  # its retry warnings would bury the one line below
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+    except RuntimeError as error:
+        if "unknown model" in str(error).lower():
+            raise UsageError(f"--init {source}: timm has no model named {name!r} (e.g. timm:vit_small_patch16_224)")
+        raise
+    except (OSError, ValueError) as error:  # offline: huggingface_hub's errors are OSErrors or ValueErrors
+        cfg = timm.models.get_pretrained_cfg(name)
+        hub = getattr(cfg, "hf_hub_id", None)
+        where = f"https://huggingface.co/{hub}/resolve/main/model.safetensors" if hub else getattr(cfg, "url", "?")
+        raise UsageError(f"--init {source}: cannot download its weights ({type(error).__name__}): fetch {where} on a "
+                         "machine online and pass that file to --init (or run once online: timm caches it in "
+                         "~/.cache/huggingface)") from None
+    finally:
+        hub_constants.HF_HUB_OFFLINE = was_offline
+        logger.setLevel(level)
+    return model.state_dict()
+
+
+def _file_state_dict(path):
+    """(state dict, what the file is) of a backbone.pt of ours or a torchvision / timm checkpoint file (a state
+    dict, possibly under "state_dict" or "model"; .safetensors too)."""
+    fix = "--init takes a backbone.pt, a torchvision or timm checkpoint file, torchvision:<name> or timm:<name>"
+    if not os.path.isfile(path):
+        raise UsageError(f"--init {path}: no such file ({fix})")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path), "a safetensors file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UsageError(f"--init {path}: cannot read it: {_unreadable(path)} ({fix})") from None
+    if kind_of(obj) == "backbone.pt":
+        return obj, "backbone.pt"
+    for key in ("state_dict", "model"):  # training checkpoints of timm and others
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and kind_of(obj[key]) == "state dict":
+            obj = obj[key]
+    if kind_of(obj) != "state dict":
+        raise UsageError(f"--init {path} is {describe(obj, path)}: {fix}")
+    return obj, "a checkpoint file"
+
+
+def init_state_dict(source, backbone, name, image_size):
+    """The state dict of `backbone` (a `name` backbone at `image_size` px, our build_backbone) from an --init
+    SOURCE: a backbone.pt of ours (which must name the same architecture), a torchvision or timm checkpoint file,
+    torchvision:<name> or timm:<name>. Classifier weights (fc.*, head.*) the backbone lacks and the prefixes module.,
+    backbone., encoder. are dropped; everything else must match exactly (strict), else one line naming the
+    missing and unexpected keys and the mismatched shapes."""
+    if source.startswith(("torchvision:", "timm:")):
+        state, what = _pretrained_state_dict(source), source
+    else:
+        state, what = _file_state_dict(source)
+        if what == "backbone.pt":
+            stem = state.get("cifar_stem", False)
+            here = name in ("resnet18", "resnet50", "resnet_narrow") and image_size < 64
+            if state["name"] != name or stem != here:
+                raise UsageError(f"--init {source} holds a {state['name']}{' with the CIFAR stem' if stem else ''} "
+                                 f"({state.get('image_size')}px), this run builds a {name}"
+                                 f"{' with the CIFAR stem' if here else ''} ({image_size}px): pass --backbone "
+                                 f"{state['name']} --crop-size {state.get('image_size')}")
+            state, what = state["backbone"], f"a backbone.pt of {state.get('method', '?')}"
+    own = backbone.state_dict()
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(CLASSIFIER_PREFIXES)}
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        listed = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")  # noqa
+        parts = [f"missing keys {listed(missing)}" if missing else "", f"unexpected keys {listed(unexpected)}"
+                 if unexpected else "", f"shapes (file vs model) {listed(shapes)}" if shapes else ""]
+        stem = " (below 64px our ResNets use a 3x3 CIFAR stem, ViT and Swin smaller patches: ImageNet weights need " \
+            "--crop-size 64 or more)" if image_size < 64 and any(s.startswith(("conv1.weight", "patch_embed"))
+                                                                for s in shapes) else ""
+        raise UsageError(f"--init {source} ({what}) does not fit this run's {name} at {image_size}px: "
+                         f"{'; '.join(p for p in parts if p)}{stem}")
+    return state

@@ -88,7 +88,8 @@ GENERIC_DEFAULTS = dict(data_dir="./data", workers=min(8, os.cpu_count() or 1), 
                         umap_every=0, log_every=50, log="none", channels_last=None, compile=False,
                         warmup_start_lr=3e-5, min_lr=0.0, num_large_crops=2, num_small_crops=0,
                         small_crop_size=None, min_scale=None, invert_prob=0.0, grad_clip=0.0, train_subset=0,
-                        lars_eta=0.02, lars_clip=True, accumulate_steps=1)
+                        lars_eta=0.02, lars_clip=True, accumulate_steps=1,
+                        health_every=1, health_samples=4096, freeze_backbone_epochs=0)
 DATASET_OVERRIDES = {"stl10": dict(crop_size=96)}  # under the dataset's own recipe family only
 SMALL_IMAGE_SIDE = 64  # a folder whose first images are at most this many pixels on a side gets the cifar recipe
 BACKBONE_NAMES = ("resnet18", "resnet50", "resnet_narrow", "vit_tiny", "vit_small", "vit_base", "swin_tiny",
@@ -177,6 +178,11 @@ def parser(method, doc, recipes):
     opt("--accumulate-steps", positive_int, "sum the gradients of N batches per optimizer step, as Lightning's "
         "accumulate_grad_batches (solo-learn's ImageNet BYOL; 1 where no recipe sets it): lrs scale by batch x "
         "processes x N / 256; steps, lr, momentum and --max-steps count optimizer steps")
+    opt("--init", help="start the backbone from these weights: a backbone.pt, a torchvision or timm checkpoint "
+        "file, torchvision:<name> or timm:<name> (their pretrained weights); heads start fresh [default: none]",
+        metavar="SOURCE")
+    opt("--freeze-backbone-epochs", nonneg_int, "train only the heads on the frozen backbone for the first N "
+        "epochs, then everything (with --init: fresh heads first)")
     run("--seed", nonneg_int, "seed of model init, data order and augmentations")
     run("--device", help="auto picks CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
     run("--precision", help="auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU",
@@ -186,6 +192,9 @@ def parser(method, doc, recipes):
     run("--max-steps", nonneg_int, "stop after this many optimizer steps in all, as if training had ended (0: off)")
     run("--knn-every", every_n, "kNN monitor every N epochs (0: at the end only, -1: never)")
     run("--umap-every", every_n, "UMAP plot and training curves every N epochs (0: at the end only, -1: never)")
+    run("--health-every", every_n, "label-free health (effective rank, alignment/uniformity, std of the "
+        "normalised embedding; docs/health.md) every N epochs (0: at the end only, -1: never)")
+    run("--health-samples", positive_int, "training images of the health pass (a fixed seeded sample)")
     run("--log-every", positive_int, "read the loss and write a metrics line every N steps (the only steps "
         "that wait on the device)")
     run("--log", help="extra logger besides metrics.jsonl", choices=("none", "tensorboard", "wandb"))
@@ -255,6 +264,9 @@ def resolve(p, argv, method, recipes):
         what = "is a folder, not a file" if os.path.isdir(args.resume) else "no such file"
         raise UsageError(f"--resume {args.resume}: {what} (pass a last.pt; omit --resume to continue from "
                          "<out-dir>/last.pt)")
+    if args.init and not args.init.startswith(("torchvision:", "timm:")) and not os.path.isfile(args.init):
+        raise UsageError(f"--init {args.init}: no such file (pass a backbone.pt, a torchvision or timm checkpoint "
+                         "file, torchvision:<name> or timm:<name>)")
     if args.channels_last is None:
         args.channels_last = args.backbone.startswith("resnet")
     return args

@@ -175,3 +175,145 @@ def probe_validate(backbone, probe, loader, device, channels_last=False, autocas
         backbone.train(was_training)
     acc1, acc5 = _percentages(dist.all_reduce_sum(counts) if sharded else counts)
     return {"acc1": acc1, "acc5": acc5}
+
+
+# ---- label-free health of a representation (docs/health.md) ----
+def effective_rank(x):
+    """RankMe (Garrido et al., ICML 2023) of the rows of `x` (N, D): exp of the entropy of its singular values
+    normalised to sum 1. From 1 (rank one: a collapsed representation) to min(N, D) (all singular values equal).
+    Uncentred, as in the paper. Float64: the small singular values of a nearly collapsed matrix still count."""
+    s = torch.linalg.svdvals(x.double())
+    p = s / s.sum().clamp(min=torch.finfo(torch.float64).tiny)
+    return math.exp(-torch.xlogy(p, p).sum().item())
+
+
+def alignment(u, v):
+    """Wang & Isola (ICML 2020): mean ||u_i - v_i||^2 of the l2-normalised embeddings of two views of the
+    same images; 0 when the views coincide, 4 when they are opposite."""
+    u, v = F.normalize(u.double(), dim=1), F.normalize(v.double(), dim=1)
+    return (u - v).pow(2).sum(dim=1).mean().item()
+
+
+def uniformity(u, t=2.0):
+    """Wang & Isola: log of the mean over pairs i < j of exp(-t ||u_i - u_j||^2) of the l2-normalised rows;
+    0 when every row is the same point (collapse), about -2t for rows spread uniformly on a high-dimensional
+    sphere, -4t at the most (two opposite points). Needs at least two rows."""
+    u = F.normalize(u.double(), dim=1)
+    logits = -t * torch.pdist(u).pow(2)
+    return (torch.logsumexp(logits, dim=0) - math.log(logits.numel())).item()
+
+
+def normalised_std(z):
+    """The per-dimension standard deviation of the l2-normalised rows of `z`, averaged over dimensions (population
+    std). 0 when every row is the same (BYOL / SimSiam collapse); 1/sqrt(D) for rows spread evenly over the sphere
+    (each coordinate of a uniform point on the sphere has variance 1/D)."""
+    return F.normalize(z.double(), dim=1).std(dim=0, correction=0).mean().item()
+
+
+class FixedViews(Dataset):
+    """(two augmented views stacked (2, C, H, W), label) of each image of `dataset`, their randomness seeded from
+    (seed, index) alone: the same views at every evaluation, on any rank and with any number of workers."""
+
+    def __init__(self, dataset, transform, seed=0):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        from common.data import mix_seed, single_threaded  # data imports this module's Shard: imported here
+        image, label = self.dataset[index]
+        with torch.random.fork_rng(devices=[]), single_threaded():
+            torch.default_generator.manual_seed(mix_seed("health", self.seed, int(index)))
+            views = self.transform(image)
+        return torch.stack(views[:2]), label
+
+
+def health_sample(size, count, seed):
+    """The fixed sample of the health pass: `count` positions out of `size` (all when fewer), seeded, in order."""
+    if count >= size:
+        return list(range(size))
+    return sorted(torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count].tolist())
+
+
+@torch.no_grad()
+def _features_and_embeddings(backbone, embed, loader, device, channels_last, autocast):
+    """(backbone features, embed(features)) in float32 on `device` over a loader of images (N, C, H, W) or view
+    pairs (N, 2, C, H, W) (returned as (N, 2, D)). Backbone and head in eval mode, their modes restored."""
+    heads = [m for m in (embed,) if isinstance(m, torch.nn.Module)]
+    modes = [m.training for m in heads]
+    was_training, memory_format, autocast = _frozen_forward_context(backbone, channels_last, autocast)
+    for m in heads:
+        m.eval()
+    features, embeddings = [], []
+    try:
+        for images, _ in loader:
+            shape = images.shape
+            images = images.flatten(0, images.dim() - 4).to(device, non_blocking=True, memory_format=memory_format)
+            with autocast():
+                f = backbone(images)
+                z = embed(f) if embed is not None else f
+            features.append(f.float().reshape(*shape[:-3], -1))
+            embeddings.append(z.float().reshape(*shape[:-3], -1))
+    finally:
+        backbone.train(was_training)
+        for m, mode in zip(heads, modes):
+            m.train(mode)
+    return torch.cat(features), torch.cat(embeddings)
+
+
+def health_metrics(backbone, embed, clean, pairs, sizes, device, channels_last=False, autocast=None, sharded=False):
+    """The label-free health of a representation (docs/health.md), as a dict of floats:
+    effective rank (RankMe) of the backbone features and of the embedding (`embed(features)`, the vectors the
+    loss sees; the features themselves when `embed` is None) with their maxima min(N, D); the per-dimension std of
+    the l2-normalised embedding and its healthy value 1/sqrt(D); alignment and uniformity of the embeddings of two
+    augmented views. `clean`: a loader of (images, labels) (the sample's clean views); `pairs`: of (view pairs,
+    labels); sizes: (items of clean, items of pairs). sharded: each loader holds this rank's `Shard`; rows are
+    gathered into dataset order, so every rank computes what one process does."""
+    ctx = dict(device=device, channels_last=channels_last, autocast=autocast)
+    features, embeddings = _features_and_embeddings(backbone, embed, clean, **ctx)
+    _, views = _features_and_embeddings(backbone, embed, pairs, **ctx)
+    if sharded:
+        features, embeddings, views = (unshard(t, n) for t, n in zip((features, embeddings, views), (*sizes, sizes[1])))
+    n, d = embeddings.shape
+    metrics = {"health_rank_backbone": effective_rank(features), "health_rank_backbone_max": min(features.shape),
+               "health_rank_embed": effective_rank(embeddings), "health_rank_embed_max": min(n, d),
+               "health_std": normalised_std(embeddings), "health_std_healthy": 1 / math.sqrt(d)}
+    if len(views) >= 2:
+        u, v = views[:, 0], views[:, 1]
+        metrics["health_alignment"] = alignment(u, v)
+        metrics["health_uniformity"] = (uniformity(u) + uniformity(v)) / 2
+    return metrics
+
+
+# A collapsing representation (docs/health.md, where these thresholds are measured on synthetic runs). Collapsed:
+# the embedding's effective rank under COLLAPSED_RANK of its maximum, or the std of its normalised rows under
+# COLLAPSED_STD of 1/sqrt(D). Collapsing: the rank has fallen under DECLINE of the best rank this run measured, and
+# it is under PARTIAL_RANK of its maximum while the std is under PARTIAL_STD of 1/sqrt(D) (a network near its
+# random init sits that low too, which is why the fall is required).
+COLLAPSED_RANK, COLLAPSED_STD = 0.02, 0.05
+PARTIAL_RANK, PARTIAL_STD, DECLINE = 0.1, 0.25, 0.25
+_CAUSES = {  # the usual causes per family of methods, named in the warning
+    ("byol", "nnbyol", "all4one", "mocov3"): "a target momentum too low (--base-tau), a predictor lr too high",
+    ("simsiam", "nnsiam"): "a predictor lr that decays or is too high, a missing stop-gradient",
+    ("simclr", "nnclr", "supcon", "mocov2plus", "ressl"): "a temperature too high or too low",
+    ("swav", "deepclusterv2", "dino"): "temperatures, too few epochs with frozen prototypes, a teacher momentum "
+                                      "too low",
+    ("barlow_twins", "vicreg", "vibcreg", "wmse"): "the weights of the variance or decorrelation terms",
+}
+
+
+def collapse_warning(metrics, method, best_rank=None):
+    """One line when health_metrics' `metrics` show a collapsing embedding (None when healthy): what was seen and
+    the likely causes for `method`'s family. best_rank: the highest embedding rank of this run so far, if any."""
+    rank, max_rank = metrics["health_rank_embed"], metrics["health_rank_embed_max"]
+    std, healthy = metrics["health_std"], metrics["health_std_healthy"]
+    collapsed = rank < COLLAPSED_RANK * max_rank or std < COLLAPSED_STD * healthy
+    falling = best_rank is not None and rank < DECLINE * best_rank
+    if not (collapsed or falling and rank < PARTIAL_RANK * max_rank and std < PARTIAL_STD * healthy):
+        return None
+    causes = next((c for names, c in _CAUSES.items() if method in names), "")
+    seen = "" if collapsed else f", down from {best_rank:.1f}"
+    return (f"the representation is {'collapsed' if collapsed else 'collapsing'} (effective rank {rank:.2f} of at "
+            f"most {max_rank}{seen}, std of the normalised embedding {std:.2g}, healthy about {healthy:.2g}): likely "
+            f"an lr too high (--lr){', ' + causes if causes else ''} (docs/health.md)")

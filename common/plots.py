@@ -73,6 +73,14 @@ def save_png(figure, path, dpi):
 
 
 CURVES = (("loss", "training loss"), ("probe_acc1", "online probe acc@1 (%)"), ("knn_acc1", "kNN acc@1 (%)"))
+# The health panels (docs/health.md): each draws lines of (metric, or metric / its scale, line style) per run.
+HEALTH = (("health_rank", "effective rank / max (solid: embedding, dashed: backbone)",
+           (("health_rank_embed", "health_rank_embed_max", "-"), ("health_rank_backbone", "health_rank_backbone_max",
+                                                                  "--"))),
+          ("health_std", "std of the normalised embedding x sqrt(D) (1: healthy)",
+           (("health_std", "health_std_healthy", "-"),)),
+          ("health_alignment", "alignment (solid) and uniformity (dashed)",
+           (("health_alignment", None, "-"), ("health_uniformity", None, "--"))))
 
 
 def read_epochs(metrics_path):
@@ -90,28 +98,34 @@ def read_epochs(metrics_path):
 
 
 def curves_png(runs, path, title=None):
-    """Loss, probe acc@1 and kNN acc@1 against epoch, one panel each, one colour per run.
+    """Loss, probe acc@1 and kNN acc@1 against epoch, one panel each, one colour per run, and below them the
+    label-free health (HEALTH: effective rank, std of the normalised embedding, alignment and uniformity).
 
     runs: [(legend label, per-epoch metric dicts)]. A metric a run never logged (no labels: no probe; kNN off)
     is left out of its panel. Epochs count from 0, as metrics.jsonl, the progress bar and the UMAP title do.
     A kNN panel of single points (kNN ran at the end only) says how to get a curve.
-    Returns {metric: number of lines drawn}. Written atomically (save_png)."""
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
+    Returns {panel: number of runs drawn in it}. Written atomically (save_png)."""
+    panels = [(key, name, ((key, None, "-"),)) for key, name in CURVES] + list(HEALTH)
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
     colours = plt.get_cmap("tab10")
     drawn = {}
-    for (key, name), ax in zip(CURVES, axes):
+    for (key, name, lines), ax in zip(panels, axes.flat):
         drawn[key], longest = 0, 0
         for i, (label, epochs) in enumerate(runs):
-            points = [(m["epoch"], m[key]) for m in epochs if m.get(key) is not None]
-            longest = max(longest, len(points))
-            if points:
-                x, y = zip(*points)
-                ax.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, color=colours(i % 10),
-                        label=label)
-                drawn[key] += 1
+            shown = False
+            for metric, scale, style in lines:
+                points = [(m["epoch"], m[metric] / (m[scale] if scale else 1)) for m in epochs
+                          if m.get(metric) is not None and (scale is None or m.get(scale))]
+                longest = max(longest, len(points))
+                if points:
+                    x, y = zip(*points)
+                    ax.plot(x, y, style, marker="o" if len(points) < 30 else None, markersize=3,
+                            color=colours(i % 10), label=None if shown else label)
+                    shown = True
+            drawn[key] += shown
         ax.set_xlabel("epoch (from 0, as logged)")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))  # no epoch 0.25
-        ax.set_title(name)
+        ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         if drawn[key]:
             ax.legend(fontsize="small")

@@ -284,11 +284,37 @@ def build_data(args, run):
     labelled = val_set is not None
     run.accumulation = Accumulation(args.accumulate_steps, len(loader))
     run.open_outputs()  # the data is read and its loaders built: now the run folder may be written
-    return SimpleNamespace(  # steps_per_epoch counts optimizer steps
+    run.datasets = SimpleNamespace(  # steps_per_epoch counts optimizer steps
         loader=loader, num_classes=train_set.num_classes, steps_per_epoch=run.accumulation.steps_per_epoch,
         batches_per_epoch=len(loader), train_size=len(train_set),
         val=eval_loader(val_set) if labelled else None, knn_train=eval_loader(train_set) if labelled else None,
-        val_size=len(val_set) if labelled else 0, class_names=class_names)
+        val_size=len(val_set) if labelled else 0, class_names=class_names,
+        **health_loaders(args, run, train_set, mean, std, eval_batch))
+    return run.datasets  # kept on run too: prepare_model measures the --init baseline on it
+
+
+HEALTH_PAIRS = 1024  # images of the health sample whose two augmented views give alignment and uniformity
+
+
+def health_loaders(args, run, train_set, mean, std, batch_size):
+    """The health pass's loaders (this rank's Shard of each): clean views of a fixed seeded sample of
+    --health-samples training images, and two augmented views (the run's preset, torchvision transforms whatever the
+    backend, seeded per image) of its first HEALTH_PAIRS. Nothing when --health-every -1."""
+    if args.health_every < 0:
+        return dict(health=None)
+    sample = torch.utils.data.Subset(train_set, evaluation.health_sample(len(train_set), args.health_samples,
+                                                                         args.seed))
+    pairs = torch.utils.data.Subset(sample, range(min(HEALTH_PAIRS, len(sample))))
+    views = augment.pretrain_transform(args.preset, args.crop_size, mean, std, num_large=2,
+                                       min_scale=args.min_scale, invert_prob=args.invert_prob)
+    shard = lambda dataset: evaluation.Shard(dataset, run.rank, run.world_size)  # noqa: E731
+    pin = run.device.type == "cuda"
+    return dict(health=data.eval_loader(shard(sample), augment.val_transform(args.crop_size, mean, std), batch_size,
+                                        args.workers, pin_memory=pin),
+                health_pairs=data.eval_loader(shard(evaluation.FixedViews(pairs, views, args.seed)),
+                                              augment.plain_tensor,
+                                              batch_size, args.workers, pin_memory=pin),
+                health_sizes=(len(sample), len(pairs)))
 
 
 def prepare_model(model, run, trained=True):
@@ -296,7 +322,19 @@ def prepare_model(model, run, trained=True):
     backbone; DistributedDataParallel when world size > 1. Returns the module to call in training; `model`
     itself stays the one to save (its state_dict keys never change: every step here works in place).
     trained=False is for momentum (target) networks: no DDP, no gradients, its backbone compiled too.
-    The backbone is `model.backbone`, or `model[0]` of a target built as nn.Sequential(backbone, head)."""
+    The backbone is `model.backbone`, or `model[0]` of a target built as nn.Sequential(backbone, head).
+    --init: a fresh run (nothing to resume) loads its backbone from the source here (targets too), then measures
+    the baseline of those weights (epoch -1); --freeze-backbone-epochs: the trained backbone's parameters are
+    kept in run.frozen, whose gradients optimizer_step drops during the first N epochs."""
+    args = run.args
+    backbone = model.backbone if hasattr(model, "backbone") else model[0] if isinstance(model, nn.Sequential) else model
+    fresh_init = getattr(args, "init", None) and checkpoint.resume_path(args) is None
+    if fresh_init:
+        if getattr(run, "init_state", None) is None:  # read once: the online network and its target share it
+            run.init_state = checkpoint.init_state_dict(args.init, backbone, args.backbone, args.crop_size)
+        backbone.load_state_dict(run.init_state)
+    if trained:
+        run.frozen = list(backbone.parameters())
     model.to(run.device)
     if run.args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -306,9 +344,9 @@ def prepare_model(model, run, trained=True):
         # keep local BN. Converted before compiling, so that the compiled graph holds the synchronised layers.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps BN children in place: same root module
     if run.args.compile:
-        backbone = model.backbone if hasattr(model, "backbone") else model[0] if isinstance(model, nn.Sequential) \
-            else model
         backbone.compile()  # in place (Module.compile): state_dict keys stay unchanged
+    if fresh_init and trained:
+        init_baseline(run, backbone)
     if run.world_size == 1 or not trained:
         return model
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
@@ -391,6 +429,9 @@ def optimizer_step(run, loss, optimizer, epoch, step, grad_clip=0.0, before_step
     accumulation.sync_next_batch()
     if not stepping:
         return False
+    if epoch < getattr(run.args, "freeze_backbone_epochs", 0):  # no gradient: no update, no optimizer state
+        for p in run.frozen:
+            p.grad = None
     if grad_clip or before_step:
         run.scaler.unscale_(optimizer)
         if before_step:
@@ -403,8 +444,11 @@ def optimizer_step(run, loss, optimizer, epoch, step, grad_clip=0.0, before_step
     return True
 
 
-def evaluate(run, datasets, backbone, probe, epoch, final=False):
-    """Probe accuracy every epoch; kNN every --knn-every epochs and at the end; UMAP likewise.
+def evaluate(run, datasets, backbone, probe, epoch, final=False, embed=None):
+    """Probe accuracy every epoch; kNN every --knn-every epochs and at the end; UMAP likewise; the label-free
+    health (evaluation.health_metrics: of the backbone and of `embed`, the head whose output the loss sees, e.g.
+    the projector) every --health-every epochs and at the end, also without labels, with one warning line when
+    the representation collapses. Epoch -1 (the --init baseline): kNN and health, no UMAP; probe None: no probe.
 
     Every rank evaluates its shard of the validation and kNN-train sets (build_data's loaders): probe
     counts are summed over ranks, validation features gathered back into dataset order, and the kNN runs on
@@ -414,14 +458,24 @@ def evaluate(run, datasets, backbone, probe, epoch, final=False):
     changes the training's random stream (resumed runs stay identical)."""
     args, metrics = run.args, {}
     run.check_finite()  # a NaN model is not worth evaluating
+    now = lambda every: every >= 0 and (final or epoch < 0 or (every and (epoch + 1) % every == 0))  # noqa: E731
+    ctx = dict(device=run.device, channels_last=args.channels_last, autocast=run.autocast)
+    if getattr(datasets, "health", None) is not None and now(args.health_every):
+        with torch.random.fork_rng(devices=[]):
+            metrics = evaluation.health_metrics(backbone, embed, datasets.health, datasets.health_pairs,
+                                                datasets.health_sizes, sharded=True, **ctx)
+        if epoch >= 0 and embed is not None:  # joint-embedding methods only (MAE's loss sees pixels: no collapse)
+            # the best embedding rank since this process started: a collapse is a fall from it
+            run.best_rank = max(getattr(run, "best_rank", 0.0), metrics["health_rank_embed"])
+            if warning := evaluation.collapse_warning(metrics, args.method, run.best_rank):
+                run.print(f"warning: epoch {epoch}: {warning}")
     if datasets.val is None:
         return metrics
-    knn_now = args.knn_every >= 0 and (final or (args.knn_every and (epoch + 1) % args.knn_every == 0))
-    umap_now = args.umap_every >= 0 and (final or (args.umap_every and (epoch + 1) % args.umap_every == 0))
-    ctx = dict(device=run.device, channels_last=args.channels_last, autocast=run.autocast)
+    knn_now, umap_now = now(args.knn_every), now(args.umap_every) and epoch >= 0
     with torch.random.fork_rng(devices=[]):
-        scores = evaluation.probe_validate(backbone, probe, datasets.val, sharded=True, **ctx)
-        metrics = {f"probe_{k}": v for k, v in scores.items()}
+        if probe is not None:
+            scores = evaluation.probe_validate(backbone, probe, datasets.val, sharded=True, **ctx)
+            metrics.update({f"probe_{k}": v for k, v in scores.items()})
         if knn_now or umap_now:
             val_feats, val_labels = (evaluation.unshard(t, datasets.val_size) for t in
                                      evaluation.extract_features(backbone, datasets.val, on_device=True, **ctx))
@@ -435,6 +489,15 @@ def evaluate(run, datasets, backbone, probe, epoch, final=False):
             umap_png(val_feats.cpu(), val_labels.cpu(), os.path.join(args.out_dir, "umap.png"),
                      f"{args.method} on {args.dataset}, epoch {epoch}", class_names=datasets.class_names)
     return metrics
+
+
+def init_baseline(run, backbone):
+    """Epoch -1 of metrics.jsonl: the kNN (with labels) and the backbone's health of the --init weights, before
+    any training, so the curves show what continued pretraining adds."""
+    metrics = evaluate(run, run.datasets, backbone, None, -1)
+    metrics = {k: v for k, v in metrics.items() if k.startswith(("knn_", "health_rank_backbone"))}
+    run.log({"type": "epoch", "epoch": -1, "step": 0, "time": time.time(), **metrics})
+    run.print(f"--init {run.args.init}: " + (" ".join(f"{k}={v:.4g}" for k, v in metrics.items()) or "loaded"))
 
 
 def epoch_summary(run, meter, step, lr, metrics, extra=None):
@@ -462,6 +525,7 @@ def finish(run, backbone, feature_dim):
         args = run.args
         meta = backbones.backbone_metadata(args.backbone, args.crop_size, feature_dim, args.method)
         checkpoint.export_backbone(os.path.join(args.out_dir, "backbone.pt"), backbone,
-                                   {**meta, "dataset": args.dataset, "data_dir": os.path.abspath(args.data_dir)})
+                                   {**meta, "dataset": args.dataset, "data_dir": os.path.abspath(args.data_dir),
+                                    "init": getattr(args, "init", None)})
         if args.umap_every >= 0:
             draw_curves(args)

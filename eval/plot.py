@@ -1,4 +1,6 @@
-"""Training curves of one or more runs in one picture: loss, online probe acc@1 and kNN acc@1 against epoch.
+"""Training curves of one or more runs in one picture: loss, online probe acc@1 and kNN acc@1 against epoch, and
+the label-free health (effective rank, std of the normalised embedding, alignment and uniformity; docs/health.md),
+which runs without labels log too: a healthy and a collapsing run side by side tell themselves apart.
 
 Reads each run folder's metrics.jsonl and args.json (the method and dataset name the run in the legend), one
 colour per run, so comparing methods is one look. Every run also draws its own curves.png at its end.

@@ -1,5 +1,7 @@
 """The end-of-epoch evaluation split over two gloo ranks gives what one process gives on the same backbone and
-data (tests/dist_eval.py): probe and kNN accuracy, the validation features in dataset order, the kNN scores."""
+data (tests/dist_eval.py): probe and kNN accuracy, the validation features in dataset order, the kNN scores, the
+health metrics."""
+import pytest
 import torch
 
 from conftest import run_script, torchrun
@@ -16,12 +18,21 @@ def test_split_evaluation_matches_one_process(tmp_path):
     assert single["shard_sizes"] == (VAL_IMAGES, TRAIN_IMAGES)
     # Each rank evaluated half, rounded up: rank 1's last item is padding.
     assert [r["shard_sizes"] for r in ranks] == [((VAL_IMAGES + 1) // 2, (TRAIN_IMAGES + 1) // 2)] * 2
-    assert set(single["metrics"]) == {"probe_acc1", "probe_acc5", "knn_acc1", "knn_acc5"}
-    for accuracy in single["metrics"].values():  # whole images out of 77: the padding item counted nowhere
+    accuracies = {"probe_acc1", "probe_acc5", "knn_acc1", "knn_acc5"}
+    health = {k for k in single["metrics"] if k.startswith("health_")}
+    assert set(single["metrics"]) == accuracies | health and len(health) == 8
+    assert [r["health_sizes"] for r in ranks] == [single["health_sizes"]] * 2 == [(301, 301)] * 2
+    for r in ranks:  # the health of the gathered sample: the padding row dropped (a duplicate would move the rank
+        # by ~1/301), the same views of each image (seeded per image); float32 features from batches split
+        # otherwise, through float64 SVDs: equal to ~1e-6 relative
+        for key in health:
+            assert r["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-7), key
+    for accuracy in (single["metrics"][k] for k in accuracies):  # whole images out of 77: the padding counted nowhere
         correct = accuracy * VAL_IMAGES / 100
         assert abs(correct - round(correct)) < 1e-9
     for r in ranks:
-        assert r["metrics"] == single["metrics"]  # the same counts on every rank, summed or merged exactly
+        for key in accuracies:  # the same counts on every rank, summed or merged exactly
+            assert r["metrics"][key] == single["metrics"][key]
         assert r["still_training"]
         assert r["val_features"].shape == single["val_features"].shape  # padding dropped
         torch.testing.assert_close(r["val_features"], single["val_features"])  # and dataset order restored

@@ -36,10 +36,18 @@ def test_one_line_per_run_and_metric(tmp_path):
     b = read_epochs(write_run(tmp_path / "b", "simclr", 4, knn=False) / "metrics.jsonl")
     unlabelled = read_epochs(write_run(tmp_path / "c", "swav", 4, labelled=False, knn=False) / "metrics.jsonl")
     drawn = curves_png([("byol", a), ("simclr", b), ("swav", unlabelled)], tmp_path / "all.png")
-    assert drawn == {"loss": 3, "probe_acc1": 2, "knn_acc1": 1}
+    no_health = {"health_rank": 0, "health_std": 0, "health_alignment": 0}
+    assert drawn == {"loss": 3, "probe_acc1": 2, "knn_acc1": 1, **no_health}
     assert (tmp_path / "all.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A run without labels (no probe, no kNN) still plots its loss.
-    assert curves_png([("swav", unlabelled)], tmp_path / "u.png") == {"loss": 1, "probe_acc1": 0, "knn_acc1": 0}
+    assert curves_png([("swav", unlabelled)], tmp_path / "u.png") == {"loss": 1, "probe_acc1": 0, "knn_acc1": 0,
+                                                                       **no_health}
+    # The health panels: one line per run that logged them (with labels or without), each scaled by its maximum.
+    for e, line in enumerate(unlabelled):
+        line.update(health_rank_embed=10.0 - e, health_rank_embed_max=128, health_std=0.01, health_std_healthy=0.1)
+    drawn = curves_png([("byol", a), ("swav", unlabelled)], tmp_path / "h.png")
+    assert drawn == {"loss": 2, "probe_acc1": 1, "knn_acc1": 1, "health_rank": 1, "health_std": 1,
+                     "health_alignment": 0}
 
 
 def test_plot_script_overlays_runs_and_rejects_a_folder_that_is_no_run(tmp_path):
