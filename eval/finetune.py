@@ -41,7 +41,7 @@ from torch.utils.data import Subset  # noqa: E402
 from common import augment, checkpoint, cli, data, dist, evaluation, optim  # noqa: E402
 from common.backbones import TIMM_MODELS, load_backbone, timm_kwargs  # noqa: E402
 from common.cli import UsageError  # noqa: E402
-from common.run import Run, optimizer_step, prepare_model  # noqa: E402
+from common.run import Accumulation, Run, optimizer_step, prepare_model  # noqa: E402
 from eval.linear import existing_file, load_splits, train_transform, write_json  # noqa: E402
 
 # Defaults per backbone family (see the docstring for their sources). ResNet epochs depend on --fraction.
@@ -138,6 +138,7 @@ def resolve(args, meta):
     cli.check_out_dir(args.out_dir)
     # What common.run.Run and prepare_model read.
     args.method, args.log, args.compile = "finetune", "none", False
+    args.accumulate_steps, args.freeze_backbone_epochs, args.init = 1, 0, None
     args.channels_last = not transformer
     return args
 
@@ -218,6 +219,7 @@ def train(args):
     # mid-epoch; each of its items is (crop, label, index).
     loader = data.pretrain_loader(train_set, train_transform(size, mean, std), args.batch_size, args.workers,
                                   args.seed, run.rank, run.world_size, pin_memory=cuda)
+    run.accumulation = Accumulation(1, len(loader))  # one optimizer step per batch
     val_loader = data.eval_loader(evaluation.Shard(val_set, run.rank, run.world_size),
                                   augment.val_transform(size, mean, std), max(args.batch_size, 256), args.workers,
                                   pin_memory=cuda)

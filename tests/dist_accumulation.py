@@ -27,7 +27,7 @@ ddp = torch.nn.parallel.DistributedDataParallel(model)
 accumulation = Accumulation(3, 7)
 accumulation.watch(ddp)
 run = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *a: None,
-                      accumulation=accumulation)
+                      accumulation=accumulation, args=SimpleNamespace(freeze_backbone_epochs=0))
 g = torch.Generator().manual_seed(1)
 x = torch.randn(2, 7, world, 4, 5, generator=g, dtype=torch.float64)  # (epoch, batch, rank, rows, features)
 y = torch.randn(2, 7, world, 4, 3, generator=g, dtype=torch.float64)

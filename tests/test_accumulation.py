@@ -23,7 +23,7 @@ METHODS = sorted(p.stem for p in ROOT.glob("*.py") if "def parse_args(" in p.rea
 def fake_run(accumulation):
     """What optimizer_step uses of a Run."""
     return SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *args: None,
-                           accumulation=accumulation)
+                           accumulation=accumulation, args=SimpleNamespace(freeze_backbone_epochs=0))
 
 
 @pytest.mark.parametrize("name", ["sgd", "lars"])

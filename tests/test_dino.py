@@ -132,7 +132,7 @@ def test_normalized_linear_is_weight_norm_with_g_fixed_at_1():
 def fake_run():
     """What optimizer_step uses of a Run: the scaler, the non-finite check (a no-op here), no accumulation."""
     return SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *args: None,
-                           accumulation=Accumulation(1, 1))
+                           accumulation=Accumulation(1, 1), args=SimpleNamespace(freeze_backbone_epochs=0))
 
 
 @pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
@@ -231,7 +231,8 @@ def test_resnet_runs_resumes_exactly_and_freezes_the_prototypes_in_epoch_0(tmp_p
     On a small labelled folder (the synthetic set's 2000 validation images would dominate the time); its
     ImageNet-family recipe warms the teacher temperature up over 50 epochs, across the resume too."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = ["--dataset", "folder", "--data-dir", image_folder(tmp_path / "images", val=40), "--crop-size", "32",
+    flags = ["--dataset", "folder", "--data-dir", image_folder(tmp_path / "images", val=40), "--recipe", "imagenet",
+             "--crop-size", "32",
              "--backbone", "resnet_narrow", "--num-small-crops", "1", "--train-subset", "32", "--batch-size", "8",
              "--epochs", "20"]  # the recipe's 10 warmup epochs need as many epochs (6 steps are run either way)
     run_script(*tiny(straight, *flags, "--max-steps", "6"))
@@ -265,7 +266,8 @@ def test_ddp_two_processes_keep_ranks_identical(backbone, tmp_path):
     out = tmp_path / "run"
     extra = []
     if backbone == "vit_tiny":
-        extra = ["--dataset", "folder", "--data-dir", image_folder(tmp_path / "images"), "--crop-size", "32",
+        extra = ["--dataset", "folder", "--data-dir", image_folder(tmp_path / "images"), "--recipe", "imagenet",
+                 "--crop-size", "32",
                  "--num-small-crops", "2", "--small-crop-size", "18", "--epochs", "20"]  # >= the 10 warmup epochs
     torchrun("tests/rank_params.py", "dino", *tiny(out, "--backbone", backbone, "--max-steps", "2", *extra)[1:])
     r0, r1 = (torch.load(out / f"backbone-rank{r}.pt") for r in range(2))

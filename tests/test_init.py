@@ -14,6 +14,7 @@ import torchvision
 
 from common import checkpoint, optim
 from common.backbones import backbone_metadata, build_backbone, narrow_resnet
+from common.run import Accumulation
 from common.cli import UsageError
 from common.run import optimizer_step
 from conftest import TINY, read_metrics, run_script
@@ -126,7 +127,8 @@ def test_frozen_parameters_get_no_update_and_no_optimizer_state(name):
     groups = optim.param_groups(model, 1e-2, exclude_1d=name == "lars", lr=0.1)
     optimizer = optim.build_optimizer(name, groups, 0.1, 1e-2)  # weight decay: a step would move them too
     run = SimpleNamespace(args=SimpleNamespace(freeze_backbone_epochs=1), frozen=list(backbone.parameters()),
-                          scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *a: None)
+                          scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *a: None,
+                          accumulation=Accumulation(1, 1))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(8, 4)
     for step in range(2):

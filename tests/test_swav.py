@@ -170,7 +170,8 @@ def test_frozen_prototypes_then_trained(name):
                                 exclude_1d=name == "lars")
     opt = optim.build_optimizer(name, groups, 0.1, 1e-3)
     run = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), watch_finite=lambda *args: None,
-                          accumulation=Accumulation(1, 1))
+                          accumulation=Accumulation(1, 1),
+                          args=SimpleNamespace(freeze_backbone_epochs=0))
     freeze = lambda: setattr(model.prototypes.weight, "grad", None)
     views = [torch.randn(8, 3, 2, 2) for _ in range(2)]
     for hook in (freeze, freeze, None, None):  # epochs 0 and 1 frozen, then trained
