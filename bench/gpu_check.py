@@ -1,6 +1,6 @@
 """One-command GPU check: everything on the CUDA path that a CPU cannot run, in one markdown report.
 
-Offline (synthetic data and a generated JPEG folder only) and sized for about 8 minutes on one GPU:
+Offline (synthetic data and a generated JPEG folder only) and sized for about 10 minutes on one GPU (unmeasured):
 
   1. host syncs per training step under torch.cuda.set_sync_debug_mode("warn"): byol, swav, dino with their
      synthetic recipes (AdamW, --precision auto), fp16 with LARS and with SGD (the real recipes' optimizers, one

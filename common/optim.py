@@ -49,8 +49,9 @@ class SGD(torch.optim.SGD):
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum_buffer"])
             momentum, lr = group["momentum"], group["lr"]
-            if skip is not None:  # skipped step: zero gradient, momentum 1, lr 0 (inf * 0 would be NaN: masked)
-                grads = [torch.where(skip, 0.0, g) for g in grads]
+            if skip is not None:  # a skipped step: gradient 0, momentum 1, lr 0. A mask, as inf * 0 is NaN: one op
+                for g in grads:  # per tensor (no foreach op selects), on gradients spent by this step anyway
+                    g.masked_fill_(skip, 0.0)
                 momentum, lr = torch.where(skip, 1.0, momentum), torch.where(skip, 0.0, lr)
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, grads)
