@@ -271,10 +271,11 @@ def train(args):
             tau = optim.cosine_tau(step, total_steps, args.base_tau, args.final_tau)
             views = [run.to_device(v) for v in views]
             labels = run.labels_to_device(labels)
+            with torch.no_grad(), run.autocast():  # the neighbours first: the transformer's sequences are made of them
+                m1, m2 = (F.normalize(target(v).float(), dim=1) for v in views)
+            # the search outside autocast: float32 scores, as NNCLR's (a bf16 top-k over the queue is full of ties)
+            (nn1, index1), (nn2, _) = (nearest_neighbours(m, queue, args.num_neighbours) for m in (m1, m2))
             with run.autocast():
-                with torch.no_grad():  # the neighbours first: the transformer's sequences are built from them
-                    m1, m2 = (F.normalize(target(v).float(), dim=1) for v in views)
-                (nn1, index1), (nn2, _) = (nearest_neighbours(m, queue, args.num_neighbours) for m in (m1, m2))
                 (z1, z2), (p1, p2), (c1, c2), (own1, own2), logits = train_model(views, (nn1, nn2))
             loss = all4one_loss(nn1[:, 0], nn2[:, 0], p1, p2, c1, c2, own1, own2, m1, m2, z1, z2, **weights)
             nn_acc = (queue_labels[index1[:, 0]] == labels).float().mean()  # the nearest has the view's label

@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from common import checkpoint, cli, dist, optim
 from common.backbones import build_backbone
-from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
+from common.run import (Run, build_data, epoch_summary, evaluate, finish, full_float32, optimizer_step,
+                        prepare_model, probe_loss)
 
 # ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
 RECIPES = {
@@ -83,6 +84,7 @@ class BarlowTwins(nn.Module):
 
 
 # ---- loss ----
+@full_float32()  # no TF32: the (co)variance entries are small, TF32 keeps ~3 digits
 def barlow_twins_loss(z1, z2, lamb=0.0051, scale_loss=0.1, eps=1e-5):
     """L = scale_loss * [ sum_i (1 - C_ii)^2 + lamb * sum_{i != j} C_ij^2 ],  C = BN(z1)^T BN(z2) / N,
     BN(z) = (z - mean) / sqrt(var + eps) per feature over the batch (biased variance, no affine).

@@ -105,8 +105,9 @@ class NormalizedLinear(nn.Linear):
     def __init__(self, in_dim, out_dim):
         super().__init__(in_dim, out_dim, bias=False)
 
-    def forward(self, x):
-        return F.linear(x, F.normalize(self.weight, dim=1))
+    def forward(self, x):  # float32 whatever the autocast: the logits are divided by temperatures of 0.04-0.1
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), F.normalize(self.weight, dim=1))
 
 
 class DINOHead(nn.Module):
@@ -125,7 +126,7 @@ class DINOHead(nn.Module):
         self.last_layer = NormalizedLinear(bottleneck_dim, num_prototypes)
 
     def forward(self, x):
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        return self.last_layer(F.normalize(self.mlp(x).float(), dim=-1))
 
 
 class DINO(nn.Module):

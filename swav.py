@@ -99,8 +99,10 @@ class SwAV(nn.Module):
     def forward(self, views):
         """views: list of image batches, large crops first. Returns (z per view, scores per view, probe logits)."""
         feats = [self.backbone(v) for v in views]
-        z = [F.normalize(self.projector(f), dim=1) for f in feats]
-        return z, [self.prototypes(x) for x in z], self.probe(torch.cat(feats[:self.num_large_crops]).detach())
+        z = [F.normalize(self.projector(f).float(), dim=1) for f in feats]
+        with torch.autocast(z[0].device.type, enabled=False):  # float32 scores: the loss divides them by T = 0.1
+            scores = [self.prototypes(x) for x in z]
+        return z, scores, self.probe(torch.cat(feats[:self.num_large_crops]).detach())
 
     @torch.no_grad()
     def normalize_prototypes(self):

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from common import checkpoint, cli, dist, optim
 from common.backbones import build_backbone
-from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
+from common.run import (Run, build_data, epoch_summary, evaluate, finish, full_float32, optimizer_step,
+                        prepare_model, probe_loss)
 
 # ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
 _VIBCREG = dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=200.0, activation="gelu", iternorm=True, iternorm_groups=64,
@@ -100,7 +101,7 @@ def whitening_matrix(xc, iters, eps=1e-5):
 class IterNorm(nn.Module):
     """Group whitening of a (N, D) batch: features split into consecutive groups, each centred and multiplied by
     its whitening_matrix (batch statistics in training, running ones in eval), then a learnt per-feature scale
-    (ones) and shift (zeros). Always float32 (solo-learn: custom_fwd(cast_inputs=float32))."""
+    (ones) and shift (zeros). Always float32 (solo-learn: custom_fwd(cast_inputs=float32)), TF32 off."""
 
     def __init__(self, num_features, num_groups=64, iters=5, eps=1e-5, momentum=0.1):
         super().__init__()
@@ -111,7 +112,7 @@ class IterNorm(nn.Module):
         self.register_buffer("running_wm", torch.eye(self.per_group).repeat(self.groups, 1, 1))
 
     def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), full_float32():  # Newton steps: no TF32
             x = x.float()
             groups = x.T.reshape(self.groups, self.per_group, len(x))  # (G, C, N): group g = features gC..gC+C-1
             if self.training:
@@ -150,6 +151,7 @@ class VIbCReg(nn.Module):
 
 
 # ---- loss ----
+@full_float32()  # no TF32: the (co)variance entries are small, TF32 keeps ~3 digits
 def vibcreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=200.0, eps=1e-4):
     """L = sim_coeff * mean (z1 - z2)^2 + std_coeff * (v(z1) + v(z2)) + cov_coeff * (c(z1) + c(z2)),
     v(z) = mean_d ReLU(1 - sqrt(Var(z_d) + eps)) (unbiased Var), c(z) = sum_{i != j} C_ij^2 / D^2 with C the

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from common import checkpoint, cli, dist, optim
 from common.backbones import build_backbone
-from common.run import Run, build_data, epoch_summary, evaluate, finish, optimizer_step, prepare_model, probe_loss
+from common.run import (Run, build_data, epoch_summary, evaluate, finish, full_float32, optimizer_step,
+                        prepare_model, probe_loss)
 
 # ---- hyperparameters: one recipe per dataset family; any command-line flag overrides it ----
 RECIPES = {
@@ -90,6 +91,7 @@ class VICReg(nn.Module):
 VARIANCE_FORMS = ("sum", "mean")
 
 
+@full_float32()  # no TF32: the (co)variance entries are small, TF32 keeps ~3 digits
 def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4, variance_form="sum"):
     """L = sim_coeff * mean (z1 - z2)^2 + std_coeff * V + cov_coeff * (c(z1) + c(z2)),
     v(z) = mean_d ReLU(1 - sqrt(Var(z_d) + eps)), c(z) = sum_{i != j} Cov(z)_ij^2 / D (unbiased Var, Cov), and

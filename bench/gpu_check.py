@@ -1,19 +1,22 @@
 """One-command GPU check: everything on the CUDA path that a CPU cannot run, in one markdown report.
 
-Offline (synthetic data and a generated JPEG folder only) and sized for about 8 minutes on one GPU:
+Offline (synthetic data and a generated JPEG folder only) and sized for about 10 minutes on one GPU (unmeasured):
 
-  1. host syncs per training step (byol, swav, dino) under torch.cuda.set_sync_debug_mode("warn")
+  1. host syncs per training step under torch.cuda.set_sync_debug_mode("warn"): byol, swav, dino with their
+     synthetic recipes (AdamW, --precision auto), fp16 with LARS and with SGD (the real recipes' optimizers, one
+     with --grad-clip), and byol on the DALI backend
   2. step / floor / loader throughput (bench/throughput.py) of five methods, ResNet-18, 32px, batch 256, bf16,
      device and torchvision backends
   3. 100-step fp16 runs of byol, swav, dino, wmse: no non-finite loss, and where the GradScaler's scale went
   4. resume across precision: 10 steps in bf16, then resumed in fp16 to 20
   5. DALI decoding on the GPU from a generated JPEG folder
-  6. --compile against eager (images/s of BYOL)
+  6. --compile against eager (images/s of BYOL per epoch: the first includes compiling)
   7. GPU busy fraction over 10 BYOL steps (torch.profiler: kernel time / wall time)
 
-Each check runs the real scripts in subprocesses and reports pass / fail / skipped with its numbers; a failing
-check does not stop the others. `--cpu-smoke` runs the same checks at toy sizes on the CPU (the CUDA-only
-ones report "skipped"), so that this script is tested in CI and cannot rot.
+Each check runs the real scripts in subprocesses and reports pass / FAIL / SKIP with its numbers; a failing
+check does not stop the others, and a check that cannot run here (no GPU, no DALI) is a SKIP, never a pass.
+`--cpu-smoke` runs the same checks at toy sizes on the CPU (the CUDA-only ones report SKIP), so that this script
+is tested in CI and cannot rot.
 
     python bench/gpu_check.py --out gpu_check.md          # on a CUDA machine
     python bench/gpu_check.py --cpu-smoke --out smoke.md  # anywhere, ~1 minute
@@ -32,7 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 THROUGHPUT_METHODS = ["byol", "simclr", "swav", "dino", "barlow_twins"]
 FP16_METHODS = ["byol", "swav", "dino", "wmse"]
-SYNC_METHODS = ["byol", "swav", "dino"]
+# (method, --precision, optimizer and other flags, label): the synthetic recipes first, then the optimizers of the
+# real recipes in fp16 (LARS: 13 methods, SGD: 5; SwAV's prototypes get their first gradient late), then DALI.
+SYNC_RUNS = [("byol", "auto", [], "AdamW"), ("swav", "auto", [], "AdamW"), ("dino", "auto", [], "AdamW"),
+             ("byol", "fp16", ["--optimizer", "lars"], "LARS"), ("swav", "fp16", ["--optimizer", "lars"], "LARS"),
+             ("simsiam", "fp16", ["--optimizer", "sgd"], "SGD"),
+             ("mocov2plus", "fp16", ["--optimizer", "sgd", "--grad-clip", "1"], "SGD, --grad-clip 1"),
+             ("byol", "auto", ["dali"], "AdamW, DALI backend")]
 
 
 def script(method, out_dir, size, *flags, timeout=600):
@@ -50,12 +59,47 @@ def tail(text, lines=3):
     return " / ".join(l.strip() for l in text.strip().splitlines()[-lines:])[-400:]
 
 
+def dali_installed():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def jpeg_folder(opts):
+    """A generated folder dataset of random JPEGs (train: opts.dali_images, val: 16), made once per report."""
+    if getattr(opts, "jpeg_root", None):
+        return opts.jpeg_root
+    from PIL import Image
+    import numpy as np
+    root = opts.jpeg_root = Path(tempfile.mkdtemp())
+    rng = np.random.default_rng(0)
+    for split, count in (("train", opts.dali_images), ("val", 16)):
+        for c in range(4):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count // 4):
+                Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return root
+
+
 def check_syncs(opts, size):
-    """Count the CUDA sync warnings of steps 3-10 of each method (torch warns once per sync in "warn" mode)."""
+    """Count the CUDA sync warnings of steps 3-10 of each run (torch warns once per sync in "warn" mode)."""
     if not opts.cuda:
-        return "skipped (no CUDA: bench/step_ops.py counts the same syncs on the CPU)", True
-    rows, ok = ["| method | syncs over 8 steps (log every 1000) |", "|---|---|"], True
-    for method in SYNC_METHODS:
+        return "skipped (no CUDA: bench/step_ops.py counts the same syncs on the CPU)", None
+    rows, ok = ["| method | precision | optimizer, backend | syncs over 8 steps (log every 1000) |",
+                "|---|---|---|---|"], True
+    for method, precision, flags, label in SYNC_RUNS:
+        if flags == ["dali"]:
+            if not dali_installed():
+                rows.append(f"| {method} | {precision} | {label} | SKIP (DALI not installed) |")
+                continue
+            # batch 64: 32 steps an epoch, so that no epoch-end evaluation falls inside the counted steps
+            flags = ["--dataset", "folder", "--data-dir", str(jpeg_folder(opts)), "--data-backend", "dali",
+                     "--batch-size", "64", "--workers", "2"]
+        argv = [*size, '--max-steps', '10', '--log-every', '1000', '--knn-every', '-1', '--umap-every', '-1',
+                '--out-dir', tempfile.mkdtemp(), '--dataset', 'synthetic', '--precision', precision, *flags]
         code = (f"import sys, warnings, torch; sys.path.insert(0, '.'); import {method} as m; from common import run as r\n"
                 "update = r.StepMeter.update\n"
                 "def counted(self, step, *a, **k):\n"
@@ -64,14 +108,15 @@ def check_syncs(opts, size):
                 "r.StepMeter.update = counted\n"
                 "with warnings.catch_warnings(record=True) as w:\n"
                 "    warnings.simplefilter('always')\n"
-                f"    m.train(m.parse_args({[*size, '--max-steps', '10', '--log-every', '1000', '--knn-every', '-1', '--umap-every', '-1', '--out-dir', tempfile.mkdtemp(), '--dataset', 'synthetic']!r}))\n"
+                f"    m.train(m.parse_args({argv!r}))\n"
                 "    torch.cuda.set_sync_debug_mode('default')\n"
                 "print('SYNCS', sum('synchroniz' in str(x.message) for x in w))\n")
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
         found = [l for l in proc.stdout.splitlines() if l.startswith("SYNCS")]
         count = int(found[-1].split()[1]) if found else None
         ok &= count == 0
-        rows.append(f"| {method} | {count if count is not None else 'failed: ' + tail(proc.stderr)} |")
+        rows.append(f"| {method} | {precision} | {label} | "
+                    f"{count if count is not None else 'failed: ' + tail(proc.stderr)} |")
     return "\n".join(rows), ok
 
 
@@ -92,7 +137,7 @@ def check_throughput(opts):
 
 def check_fp16(opts, size):
     if not opts.cuda:
-        return "skipped (fp16 with a GradScaler needs CUDA)", True
+        return "skipped (fp16 with a GradScaler needs CUDA)", None
     import torch
     # The scale halves at each overflow and doubles after 2000 clean steps: in 100 steps it moves only if an
     # early step overflowed, so "moved" is reported, and a pass needs a clean exit and a finite scale.
@@ -125,20 +170,9 @@ def check_resume_precision(opts, size):
 
 
 def check_dali(opts):
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return "skipped (DALI not installed: pip install -r requirements-dali.txt)", True
-    from PIL import Image
-    import numpy as np
-    root = Path(tempfile.mkdtemp())
-    rng = np.random.default_rng(0)
-    for split, count in (("train", opts.dali_images), ("val", 16)):
-        for c in range(4):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count // 4):
-                Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    if not dali_installed():
+        return "skipped (DALI not installed: pip install -r requirements-dali.txt)", None
+    root = jpeg_folder(opts)
     out = Path(tempfile.mkdtemp())
     start = time.time()
     status, text, metrics = script("byol", out, ["--backbone", opts.backbone, "--batch-size", "8", "--crop-size",
@@ -153,24 +187,23 @@ def check_dali(opts):
 
 def check_compile(opts, size):
     if not opts.cuda and not opts.smoke_compile:
-        return "skipped (compile on the CPU takes minutes; run on CUDA)", True
-    rows, ok, speed = [], True, {}
+        return "skipped (compile on the CPU takes minutes; run on CUDA)", None
+    rows, ok = [], True
     for mode in ("eager", "compile"):
         out = Path(tempfile.mkdtemp())
         flags = ["--compile"] if mode == "compile" else []
         status, text, metrics = script("byol", out, size, "--max-steps", str(opts.compile_steps), "--log-every",
                                        str(opts.compile_steps), *flags)
-        epochs = [m for m in metrics if m["type"] == "epoch"]
-        speed[mode] = epochs[-1]["images_per_s"] if epochs else None
+        # images/s of each epoch's training steps (evaluation excluded): with --compile the first includes compiling
+        speeds = ", ".join(f"epoch {m['epoch']} {round(m['images_per_s'])}" for m in metrics if m["type"] == "epoch")
         ok &= status == 0
-        rows.append(f"{mode}: exit {status}, {speed[mode] and round(speed[mode])} images/s (first epoch, "
-                    "compile time included)" + ("" if status == 0 else f" ({tail(text)})"))
-    return "; ".join(rows), ok
+        rows.append(f"{mode}: exit {status}, images/s {speeds or '-'}" + ("" if status == 0 else f" ({tail(text)})"))
+    return f"BYOL, {opts.compile_steps} steps; " + "; ".join(rows) + " (the first epoch includes compiling)", ok
 
 
 def check_busy(opts, size):
     if not opts.cuda:
-        return "skipped (needs CUDA kernels to time)", True
+        return "skipped (needs CUDA kernels to time)", None
     code = ("import sys, time, torch; sys.path.insert(0, '.'); import byol as m; from common import run as r\n"
             "from torch.profiler import profile, ProfilerActivity\n"
             "update, state = r.StepMeter.update, {}\n"
@@ -223,18 +256,21 @@ def main(argv=None):
               ("GPU busy fraction", lambda: check_busy(opts, size))]
     device = torch.cuda.get_device_name() if opts.cuda else "CPU (smoke mode)"
     report = [f"# GPU check: {device}, torch {torch.__version__}", ""]
-    failed = []
+    failed, skipped = [], []
     for title, check in checks:
         start = time.time()
         try:
-            text, ok = check()
+            text, ok = check()  # ok: True, False, or None when the check cannot run here
         except Exception as e:  # one broken check must not hide the others' results
             text, ok = f"failed: {type(e).__name__}: {e}", False
-        report += [f"## {title} ({'pass' if ok else 'FAIL'}, {time.time() - start:.0f} s)", "", text, ""]
-        print(f"{title}: {'pass' if ok else 'FAIL'} ({time.time() - start:.0f} s)", flush=True)
-        failed += [] if ok else [title]
+        status = "SKIP" if ok is None else "pass" if ok else "FAIL"
+        report += [f"## {title} ({status}, {time.time() - start:.0f} s)", "", text, ""]
+        print(f"{title}: {status} ({time.time() - start:.0f} s)", flush=True)
+        failed += [title] if ok is False else []
+        skipped += [title] if ok is None else []
     Path(opts.out).write_text("\n".join(report))
-    print(f"report written to {opts.out}" + (f"; failed: {', '.join(failed)}" if failed else "; all checks passed"))
+    print(f"report written to {opts.out}; " + (f"failed: {', '.join(failed)}" if failed else "no check failed")
+          + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
     sys.exit(1 if failed else 0)
 
 

@@ -157,7 +157,9 @@ class DaliViewsLoader:
             for (spec, size), count in zip(self.views, counts):
                 views.append(_view(images, params[start:start + count], spec, size, self.mean, self.std, gpu))
                 start += count
-            pipe.set_outputs(*views, labels, indexes)
+            # labels and indexes copied to the GPU inside the pipeline: a copy from pageable host memory in to_torch
+            # would block the host twice a step
+            pipe.set_outputs(*views, *((labels.gpu(), indexes.gpu()) if gpu else (labels, indexes)))
         pipe.build()
         return pipe
 
@@ -169,7 +171,7 @@ class DaliViewsLoader:
         on_gpu = isinstance(output, TensorListGPU)
         out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=self.device if on_gpu else "cpu")
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
-        return out.to(self.device)
+        return out.to(self.device, non_blocking=True)  # a no-op: the outputs are on the training device already
 
     def __iter__(self):
         order = [index for index, _ in self.sampler]

@@ -4,46 +4,98 @@ import math
 import torch
 
 
-class LARS(torch.optim.SGD):
+class SGD(torch.optim.SGD):
+    """torch's SGD with momentum (foreach, L2 weight decay added to the gradient, no dampening or Nesterov) that takes
+    an fp16 GradScaler's scale and inf flag on the device, as torch's fused optimizers do.
+
+    GradScaler.step calls step() directly on an optimizer with `_step_supports_amp_scaling`, after setting
+    `self.grad_scale` (the scale, or None when unscale_ already ran: --grad-clip) and `self.found_inf` (the inf flags
+    summed over devices). The gradients are unscaled inside the update, and a step that saw an inf or NaN leaves
+    parameters and momentum as they were, through torch.where masks: no `.item()` (torch's path for other
+    optimizers reads the flag back every step). Not fused: torch's fused SGD skips creating the momentum buffer of a
+    parameter whose first gradient comes after the first step (SwAV's prototypes, DINO's last layer) and then fails;
+    here a missing buffer starts at zero, which gives the same first step, m * 0 + g = g."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+
+    def direction(self, group, params, grads):
+        """The gradient the momentum step uses (LARS overrides it): plain SGD adds weight_decay * p."""
+        return torch._foreach_add(grads, params, alpha=group["weight_decay"]) if group["weight_decay"] else grads
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        skip = None if found_inf is None else found_inf > 0  # on the device: never read back
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()  # as GradScaler.unscale_
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if inv_scale is not None:  # in place, as GradScaler.unscale_ does
+                torch._foreach_mul_(grads, inv_scale)
+            grads = self.direction(group, params, grads)
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+            momentum, lr = group["momentum"], group["lr"]
+            if skip is not None:  # a skipped step: gradient 0, momentum 1, lr 0. A mask, as inf * 0 is NaN: one op
+                for g in grads:  # per tensor (no foreach op selects), on gradients spent by this step anyway
+                    g.masked_fill_(skip, 0.0)
+                momentum, lr = torch.where(skip, 1.0, momentum), torch.where(skip, 0.0, lr)
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads)
+            if torch.is_tensor(lr):
+                torch._foreach_sub_(params, torch._foreach_mul(bufs, lr))
+            else:
+                torch._foreach_add_(params, bufs, alpha=-lr)
+        return loss
+
+
+class LARS(SGD):
     """SGD with momentum whose step is rescaled per tensor by the trust ratio (You et al., 2017).
 
     ratio = min(eta * ||p|| / (||g|| + wd * ||p|| + 1e-8) / lr, 1)   (solo-learn's clip_lr form, the default)
     ratio = eta * ||p|| / (||g|| + wd * ||p|| + 1e-8)                  (clip=False: solo-learn without clip_lr)
     g <- (g + wd * p) * ratio, then the usual SGD momentum step. Groups with `lars_exclude`
     (biases and norm parameters) take the plain SGD step with neither adaptation nor weight decay.
+    Under an fp16 GradScaler the ratio is computed from the unscaled gradient (SGD.step unscales first).
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True):
-        # foreach: the multi-tensor momentum step (torch's default on CPU is a per-tensor loop). Not fused: torch's
-        # fused SGD skips creating the momentum buffer of a parameter whose first gradient comes after the first
-        # step (SwAV's prototypes, DINO's last layer are frozen at first) and then fails.
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0, foreach=True)
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=0.0)
         for group in self.param_groups:
             group.setdefault("lars_weight_decay", weight_decay if not group.get("lars_exclude") else 0.0)
             group.setdefault("eta", eta)
             group.setdefault("lars_clip", clip)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if group.get("lars_exclude") or not params:
-                continue
-            wd, eta, lr = group["lars_weight_decay"], group["eta"], group["lr"]
-            grads = [p.grad for p in params]
-            # All tensors of the group at once: a handful of kernels instead of several per tensor.
-            p_norm = torch.stack(torch._foreach_norm(params))
-            g_norm = torch.stack(torch._foreach_norm(grads))
-            if group["lars_clip"]:
-                ratio = ((eta / max(lr, 1e-12)) * p_norm / (g_norm + wd * p_norm + 1e-8)).clamp(max=1.0)
-            else:
-                ratio = eta * p_norm / (g_norm + wd * p_norm + 1e-8)
-            # A zero weight or gradient tensor keeps ratio 1 (there is nothing to adapt to).
-            ratio = torch.where((p_norm > 0) & (g_norm > 0), ratio, 1.0)
-            if wd:
-                torch._foreach_add_(grads, params, alpha=wd)
-            torch._foreach_mul_(grads, ratio.to(grads[0].dtype).unbind())
-        return super().step(closure)
+    def direction(self, group, params, grads):
+        if group.get("lars_exclude"):
+            return grads
+        wd, eta, lr = group["lars_weight_decay"], group["eta"], group["lr"]
+        # All tensors of the group at once: a handful of kernels instead of several per tensor.
+        p_norm = torch.stack(torch._foreach_norm(params))
+        g_norm = torch.stack(torch._foreach_norm(grads))
+        if group["lars_clip"]:
+            ratio = ((eta / max(lr, 1e-12)) * p_norm / (g_norm + wd * p_norm + 1e-8)).clamp(max=1.0)
+        else:
+            ratio = eta * p_norm / (g_norm + wd * p_norm + 1e-8)
+        # A zero weight or gradient tensor keeps ratio 1 (there is nothing to adapt to).
+        ratio = torch.where((p_norm > 0) & (g_norm > 0), ratio, 1.0)
+        if wd:
+            torch._foreach_add_(grads, params, alpha=wd)
+        torch._foreach_mul_(grads, ratio.to(grads[0].dtype).unbind())
+        return grads
 
 
 def param_groups(module, weight_decay, exclude_1d=True, **group_options):
@@ -69,10 +121,11 @@ def build_optimizer(name, groups, lr, weight_decay, momentum=0.9, eta=0.02, lars
             g["lars_weight_decay"] = g.pop("weight_decay", weight_decay)
         return LARS(groups, lr=lr, momentum=momentum, eta=eta, clip=lars_clip)
     # Adam(W) fused: a few kernels per step in all, with the step counters on the device (the multi-tensor path
-    # reads them back with .item()), and a GradScaler's inf check folded in instead of read back. SGD foreach, as
-    # LARS above: fused SGD fails on a parameter whose first gradient comes late.
+    # reads them back with .item()), and a GradScaler's inf check folded in instead of read back. SGD: ours, as
+    # LARS above (the same inf check on the device; torch's fused SGD fails on a parameter whose first gradient
+    # comes late).
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+        return SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
     if name == "adam":  # W-MSE's optimizer: L2 penalty added to the gradient, not decoupled

@@ -31,7 +31,7 @@ class Run:
         self.is_main = self.rank == 0
         cuda = self.device.type == "cuda"
         self.precision = precision = resolve_precision(args.precision, self.device.type)
-        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.amp_dtype = AMP_DTYPES.get(precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         if cuda:
             torch.backends.cudnn.benchmark = True
@@ -155,6 +155,9 @@ class Run:
         dist.cleanup()
 
 
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # autocast's dtype of each --precision (fp32: none)
+
+
 def resolve_precision(precision, device_type):
     """--precision auto: bf16 on GPUs with native bf16 (Ampere and newer; emulated bf16 on a V100 or T4 is slow,
     fp16 with a GradScaler is the better choice there), fp32 on the CPU."""
@@ -167,6 +170,19 @@ def resolve_precision(precision, device_type):
     return precision
 
 
+@contextlib.contextmanager
+def full_float32():
+    """Matmuls in full float32 inside (Run turns TF32 on for the rest): for the float32 math of a loss that needs it
+    (a cross-correlation, a covariance, Newton iterations), which TF32's 10-bit mantissa cuts to ~3 digits on Ampere
+    and newer. Also a decorator. The legacy flag, as Run sets it: torch refuses a mix of its two TF32 APIs."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class StepMeter:
     """One epoch's bookkeeping: losses summed on the device, the progress bar and metrics line at --log-every
     steps (the only steps that read anything back from the device), and the reason to stop, if any.
@@ -176,6 +192,7 @@ class StepMeter:
         self.run, self.epoch, self.bar = run, epoch, bar
         self.loss_sum = torch.zeros((), device=run.device)
         self.steps, self.images, self.start = 0, 0, time.time()
+        self.seconds = 0.0  # training time: the host clock at the last step, so evaluation time is not counted
         self.last_loss = float("nan")
 
     def update(self, step, loss, batch_size, lr, **extra):
@@ -185,6 +202,7 @@ class StepMeter:
         self.loss_sum += loss.detach().float()
         self.steps += 1
         self.images += batch_size * run.world_size * run.accumulation.last_step_batches
+        self.seconds = time.time() - self.start  # no sync: the host runs at most a few steps ahead of the device
         stop = "max_steps" if args.max_steps and step >= args.max_steps else None
         if step % args.log_every == 0:
             names = [k for k, v in extra.items() if torch.is_tensor(v)]
@@ -344,7 +362,7 @@ def prepare_model(model, run, trained=True):
         # keep local BN. Converted before compiling, so that the compiled graph holds the synchronised layers.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps BN children in place: same root module
     if run.args.compile:
-        backbone.compile()  # in place (Module.compile): state_dict keys stay unchanged
+        compile_backbone(backbone)
     if fresh_init and trained:
         init_baseline(run, backbone)
     if run.world_size == 1 or not trained:
@@ -353,6 +371,16 @@ def prepare_model(model, run, trained=True):
                                               else None)
     run.accumulation.watch(ddp)  # build_data made it: the batches that do not step skip the all-reduce
     return ddp
+
+
+def compile_backbone(backbone):
+    """torch.compile in place (Module.compile: state_dict keys stay unchanged) and whole (fullgraph: a graph break
+    is an error, not a silent slowdown; the ResNets, ViTs and Swins here trace whole). A backbone with SyncBatchNorm
+    (torchrun on GPUs) is refused: Dynamo breaks the graph at every such layer and the pair has open PyTorch bugs."""
+    if any(isinstance(m, nn.SyncBatchNorm) for m in backbone.modules()):
+        raise UsageError("--compile with several GPUs: the backbone's BatchNorm layers are SyncBatchNorm there, "
+                         "which torch.compile cannot compile whole; drop --compile, or use a ViT or Swin backbone")
+    backbone.compile(fullgraph=True)
 
 
 def probe_loss(logits, labels):
@@ -502,9 +530,8 @@ def init_baseline(run, backbone):
 
 def epoch_summary(run, meter, step, lr, metrics, extra=None):
     """One metrics line per epoch and one printed summary line."""
-    seconds = time.time() - meter.start
     line = {"type": "epoch", "epoch": meter.epoch, "step": step, "loss": meter.mean_loss(), "lr": lr,
-            "images_per_s": meter.images / max(seconds, 1e-9), "time": time.time(), **metrics, **(extra or {})}
+            "images_per_s": meter.images / max(meter.seconds, 1e-9), "time": time.time(), **metrics, **(extra or {})}
     run.log(line)
     run.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in line.items() if k not in ("type", "time")))

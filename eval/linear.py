@@ -33,6 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 from common import augment, checkpoint, data, dist, evaluation  # noqa: E402
 from common.backbones import load_backbone  # noqa: E402
+from common.run import AMP_DTYPES, resolve_precision  # noqa: E402
 from common.cli import (Parser, UsageError, fraction, nonneg_float, nonneg_int, positive_float,  # noqa: E402
                         positive_int, run_main)
 
@@ -218,10 +219,10 @@ def run(argv=None):
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = AMP_DTYPES.get(resolve_precision("auto", device.type))  # bf16 on Ampere+, fp16 on a V100 or T4
     # Frozen forward passes only: half precision needs no loss scaling here.
     ctx = dict(device=device, channels_last=cuda,
-               autocast=(lambda: torch.autocast("cuda", dtype=dtype)) if cuda else None)
+               autocast=(lambda: torch.autocast("cuda", dtype=dtype)) if dtype else None)
     backbone = backbone.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).eval()
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
