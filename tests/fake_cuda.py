@@ -52,7 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bench.step_ops as step_ops  # noqa: E402  (the sync ops and the method flags of tests/test_step_ops.py)
-from common import checkpoint, data, run as run_module  # noqa: E402
+from common import augment, checkpoint, data, run as run_module  # noqa: E402
 
 DEVICE = torch.device("cuda:0")
 _PROJECT, _THIS_FILE = str(ROOT) + os.sep, str(Path(__file__).resolve())
@@ -285,6 +285,7 @@ def fake_cuda(trace=None):
     trace = trace or Trace()
     real_tensor, real_as_tensor = torch.tensor, torch.as_tensor
     real_sampler_iter, real_load, real_eval_loader = data.EpochSampler.__iter__, data.load_dataset, data.eval_loader
+    real_pretrain_transform = augment.pretrain_transform
     real_read_flags = run_module.Run.read_flags
 
     def tensor(*args, device=None, **kwargs):  # torch.tensor(data, device="cuda") copies from the host, blocking
@@ -312,6 +313,10 @@ def fake_cuda(trace=None):
         with outside_fake():
             return real_load(*args, **kwargs)
 
+    def pretrain_transform(*args, **kwargs):  # the health pass's views (run.health_loaders): host tensors
+        with outside_fake():
+            return real_pretrain_transform(*args, **kwargs)
+
     def eval_loader(*args, pin_memory=False, **kwargs):
         return _RealLoader(real_eval_loader(*args, **kwargs))
 
@@ -338,6 +343,7 @@ def fake_cuda(trace=None):
             mock.patch.object(data.EpochSampler, "__iter__", sampler_iter),
             mock.patch.object(data, "load_dataset", load_dataset),
             mock.patch.object(data, "eval_loader", eval_loader),
+            mock.patch.object(augment, "pretrain_transform", pretrain_transform),
             mock.patch.object(run_module.Run, "read_flags", read_flags),
             mock.patch.object(checkpoint, "save_atomic", lambda obj, path: None),
         ]:

@@ -128,7 +128,7 @@ def fake_run(tmp_path):
 def build_args(dataset, data_dir, **kw):
     return SimpleNamespace(dataset=dataset, data_dir=str(data_dir), data_backend="torchvision", seed=0, train_subset=0,
                            num_large_crops=2, num_small_crops=0, small_crop_size=None, min_scale=None, invert_prob=0.0,
-                           preset="symmetric", crop_size=16, batch_size=2, workers=0, accumulate_steps=1, **kw)
+                           preset="symmetric", crop_size=16, batch_size=2, workers=0, accumulate_steps=1, health_every=-1, **kw)
 
 
 def test_a_labelled_folder_without_val_says_what_it_loses(tmp_path, capsys):
