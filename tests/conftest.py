@@ -42,6 +42,18 @@ def torchrun(*argv, nproc=2, **kw):
                       *argv, env=env, **kw)
 
 
+@pytest.fixture(autouse=True)
+def seeded_randomness():
+    """Every test starts from seed 0 (torch, random, numpy): a test that draws from the global generators gets the
+    same inputs whatever ran before it in its worker, so it passes or fails the same way every time."""
+    import random
+    import numpy
+    import torch
+    torch.manual_seed(0)
+    random.seed(0)
+    numpy.random.seed(0)
+
+
 @pytest.fixture
 def run():
     return run_script
