@@ -4,9 +4,11 @@ seeds, run folder, logs, signals), the data, one optimizer step, and the end-of-
 The method scripts keep what differs: heads, loss, the training step and what goes in last.pt.
 """
 import contextlib
+import fcntl
 import json
 import os
 import signal
+import socket
 import time
 from types import SimpleNamespace
 
@@ -24,6 +26,8 @@ class Run:
     """Devices, precision, logging and signal handling of one training process."""
 
     def __init__(self, args):
+        # One run per folder: a second run into a busy --out-dir stops here, before it reads or writes anything.
+        self.folder_lock = lock_run_folder(args.out_dir) if int(os.environ.get("RANK", 0)) == 0 else None
         # A checkpoint this run cannot resume from stops it here, before args.json or anything else is written.
         checkpoint.check_resumable(args, args.method)
         self.args = args
@@ -37,6 +41,7 @@ class Run:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.stop_signal = None  # a Python value, set by the handler: reading it never waits on the device
+        self.told_stopping = False
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # SIGUSR1: SLURM's --signal=B:USR1@120
             signal.signal(sig, self._on_signal)
         # (epoch << 32) + step of the first step whose loss was not finite (-1: none), kept on the device and read
@@ -53,8 +58,15 @@ class Run:
             self.extra_logger = _extra_logger(args, config)
 
     def _on_signal(self, signum, frame):
-        # Finish the current step, then checkpoint and exit (cluster preemption, Ctrl-C).
-        self.stop_signal = signal.Signals(signum).name
+        # Finish the current step, then checkpoint and exit (cluster preemption, Ctrl-C). The handler stays to the
+        # end: a second signal (SLURM signals every process of a step and torchrun forwards the same signal, so a
+        # worker can get two; a second Ctrl-C) is ignored, so it cannot cut the save short. SIGKILL force-quits.
+        if self.stop_signal is None:
+            self.stop_signal = signal.Signals(signum).name
+        elif self.is_main and not self.told_stopping:
+            self.told_stopping = True
+            os.write(2, f"\n{signal.Signals(signum).name} ignored: already stopping after {self.stop_signal} "
+                        f"(writing last.pt); kill -KILL {os.getpid()} force-quits without saving\n".encode())
 
     def watch_finite(self, loss, epoch, step):
         """Record (epoch, step) on the device if `loss` is the first non-finite one (no host sync)."""
@@ -144,14 +156,45 @@ class Run:
         if self.metrics_file:
             self.metrics_file.close()
         dist.cleanup()
+        if self.folder_lock:
+            self.folder_lock.close()  # releases the flock (process exit would too)
+
+
+def lock_run_folder(out_dir):
+    """Hold an exclusive flock on <out_dir>/run.lock for the life of this process; another live run holding it is a
+    UsageError naming it. The kernel drops a flock when its process ends, however it ends: a crashed run leaves no
+    stale lock. Returns the open file (keep it: closing it releases the lock)."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, "run.lock"), "a+")  # "a+": never truncated before the lock is ours
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that is starting"
+        lock.close()
+        raise UsageError(f"--out-dir {out_dir} is in use by another run ({holder}): wait for it to end, or pass "
+                         "another --out-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def cpu_has_fast_bf16():
+    """Whether bf16 autocast trains faster than fp32 on this CPU: only with AMX tiles (Intel Sapphire Rapids and
+    newer), where oneDNN's bf16 convolutions and matmuls ran a ResNet-18 step 2.2-2.6x faster. AVX512-BF16 alone
+    (AMD EPYC Zen 4/5) was slower than fp32, AVX2 ~10x slower (docs/benchmarks.md, bench/cpu_precision.py)."""
+    return torch.cpu._is_amx_tile_supported()
 
 
 def resolve_precision(precision, device_type):
     """--precision auto: bf16 on GPUs with native bf16 (Ampere and newer; emulated bf16 on a V100 or T4 is slow,
-    fp16 with a GradScaler is the better choice there), fp32 on the CPU."""
+    fp16 with a GradScaler is the better choice there); on the CPU bf16 where it is faster (cpu_has_fast_bf16),
+    else fp32. The losses run in float32 either way (each script casts them)."""
     if precision == "auto":
         if device_type != "cuda":
-            return "fp32"
+            return "bf16" if cpu_has_fast_bf16() else "fp32"
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision == "fp16" and device_type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA GPU: use fp32 (or bf16) on the CPU")
