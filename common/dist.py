@@ -3,8 +3,10 @@
 Every function is a no-op (or the identity) in a single process, so method code reads the same
 with and without torchrun.
 """
+import atexit
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -128,5 +130,26 @@ def barrier():
 
 
 def cleanup():
+    """Leave the process group: a barrier first, so that no rank tears its sockets down while another still has a
+    collective in flight, then destroy_process_group."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(status=0):
+    """End a torchrun process now, skipping the interpreter's teardown (after cleanup(); atexit functions still run,
+    streams are flushed, DataLoader workers stopped).
+
+    Why: destroy_process_group does not end gloo's threads once a DistributedDataParallel has used the group (the
+    reducer keeps it alive: its pt_gloo_runloop threads are still there after destroy, del and gc.collect()). A gloo
+    thread that drops its last reference to a finished collective's tensor needs the GIL to free it; descheduled on
+    a loaded machine, it may do so only once the interpreter is finalizing, where CPython ends any thread asking for
+    the GIL with pthread_exit, whose unwinding through C++ noexcept code calls std::terminate: "terminate called
+    without an active exception", SIGABRT, after the results were saved, and torchrun reports the run failed."""
+    from common.cli import stop_worker_processes
+    stop_worker_processes()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)

@@ -3,12 +3,14 @@ seeds, run folder, logs, signals), the data, one optimizer step, and the end-of-
 
 The method scripts keep what differs: heads, loss, the training step and what goes in last.pt.
 """
+import atexit
 import contextlib
 import fcntl
 import json
 import os
 import signal
 import socket
+import sys
 import time
 from types import SimpleNamespace
 
@@ -19,15 +21,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import augment, backbones, checkpoint, data, device_augment, dist, evaluation
-from common.cli import NonFiniteLoss, Preempted, RunError, UsageError
+from common.cli import PREEMPTED_EXIT, NonFiniteLoss, Preempted, RunError, UsageError
 
 
 class Run:
     """Devices, precision, logging and signal handling of one training process."""
 
     def __init__(self, args):
-        # One run per folder: a second run into a busy --out-dir stops here, before it reads or writes anything.
-        self.folder_lock = lock_run_folder(args.out_dir) if int(os.environ.get("RANK", 0)) == 0 else None
         # A checkpoint this run cannot resume from stops it here, before args.json or anything else is written.
         checkpoint.check_resumable(args, args.method)
         self.args = args
@@ -48,6 +48,8 @@ class Run:
         # only at log steps, at the epoch's end and before a checkpoint is written: the step never waits for it.
         self.nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.metrics_file = self.extra_logger = None
+        # One run per folder (rank 0 holds it): a second run into a busy --out-dir stops here, before it writes.
+        self.folder_lock = lock_run_folder(args.out_dir) if self.is_main else None
         if self.is_main:
             os.makedirs(args.out_dir, exist_ok=True)
             config = {**vars(args), "torch": torch.__version__, "world_size": self.world_size,
@@ -149,15 +151,22 @@ class Run:
 
     def preempted(self, reason, path, epoch, step):
         """After a signal, once `path` is written: close and leave with exit status cli.PREEMPTED_EXIT."""
-        self.close()
-        raise Preempted(f"{reason} received: saved {path} at epoch {epoch}, step {step}; rerun the command to resume")
+        message = f"{reason} received: saved {path} at epoch {epoch}, step {step}; rerun the command to resume"
+        if self.world_size > 1 and self.is_main:
+            print(message, file=sys.stderr)  # close() ends a torchrun process itself, before cli.run_main could
+        self.close(PREEMPTED_EXIT)
+        raise Preempted(message)
 
-    def close(self):
+    def close(self, status=0):
+        """The end of a run: the metrics file, the process group and the folder lock. Under torchrun the process
+        ends here with `status` (dist.exit_process says why)."""
         if self.metrics_file:
             self.metrics_file.close()
         dist.cleanup()
         if self.folder_lock:
             self.folder_lock.close()  # releases the flock (process exit would too)
+        if self.world_size > 1:
+            dist.exit_process(status)
 
 
 def lock_run_folder(out_dir):
@@ -249,6 +258,7 @@ def _extra_logger(args, config):
         except ImportError:
             raise UsageError("--log tensorboard needs the tensorboard package: pip install tensorboard")
         writer = SummaryWriter(args.out_dir)
+        atexit.register(writer.close)  # flushed at the end (dist.exit_process runs atexit functions too)
         return lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in m.items() if isinstance(v, float)]
     if args.log == "wandb":
         try:
