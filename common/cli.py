@@ -156,7 +156,7 @@ def parser(method, doc, recipes):
     opt("--grad-clip", nonneg_float, "clip the gradient norm to this value (0: off)")
     run("--seed", nonneg_int, "seed of model init, data order and augmentations")
     run("--device", help="auto picks CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
-    run("--precision", help="auto: bf16 on GPUs that support it, else fp16 + GradScaler; on CPUs bf16 with AMX, else fp32",
+    run("--precision", help="auto: native bf16 (GPU; CPU with AMX/AVX512-BF16), else fp16+GradScaler (GPU), fp32 (CPU)",
         choices=("auto", "fp32", "fp16", "bf16"))
     run("--out-dir", help="run folder [default: runs/<method>-<dataset>]")
     run("--resume", help="checkpoint to resume from [default: <out-dir>/last.pt when it exists]")
