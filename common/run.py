@@ -183,6 +183,9 @@ def lock_run_folder(out_dir):
         lock.close()
         raise UsageError(f"--out-dir {out_dir} is in use by another run ({holder}): wait for it to end, or pass "
                          "another --out-dir") from None
+    except OSError as e:  # a file system without flock (some network mounts): run unguarded, say so
+        print(f"note: cannot lock {out_dir} ({e.strerror}): a second run into it would not be stopped", file=sys.stderr)
+        return lock
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

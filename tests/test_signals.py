@@ -1,5 +1,6 @@
 """Preemption: SIGTERM (Ctrl-C's SIGINT alike) and SLURM's SIGUSR1 checkpoint the run and exit with status 3; a
 second signal cannot cut the save short; one run at a time in a run folder."""
+import os
 import re
 import signal
 import socket
@@ -58,3 +59,13 @@ def test_a_busy_folder_refuses_a_second_run_and_a_double_sigterm_still_saves(tmp
     epoch, step = map(int, re.search(r"SIGTERM received: saved .* at epoch (\d+), step (\d+);", stderr).groups())
     last = torch.load(out / "last.pt", weights_only=True)
     assert (last["epoch"], last["step"]) == (epoch, step) and step >= max(m["step"] for m in read_metrics(out))
+
+
+def test_folder_lock_names_its_holder_and_is_released_on_close(tmp_path):
+    from common.cli import UsageError
+    from common.run import lock_run_folder
+    held = lock_run_folder(tmp_path / "run")  # creates the folder; a second open file conflicts, even in-process
+    with pytest.raises(UsageError, match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}\)"):
+        lock_run_folder(tmp_path / "run")
+    held.close()  # what the end of the process does, however it ends
+    lock_run_folder(tmp_path / "run").close()
