@@ -141,12 +141,14 @@ def exit_process(status=0):
     """End a torchrun process now, skipping the interpreter's teardown (after cleanup(); atexit functions still run,
     streams are flushed, DataLoader workers stopped).
 
-    Why: destroy_process_group does not end gloo's threads once a DistributedDataParallel has used the group (the
-    reducer keeps it alive: its pt_gloo_runloop threads are still there after destroy, del and gc.collect()). A gloo
-    thread that drops its last reference to a finished collective's tensor needs the GIL to free it; descheduled on
-    a loaded machine, it may do so only once the interpreter is finalizing, where CPython ends any thread asking for
-    the GIL with pthread_exit, whose unwinding through C++ noexcept code calls std::terminate: "terminate called
-    without an active exception", SIGABRT, after the results were saved, and torchrun reports the run failed."""
+    Why: runs and the two-process tests aborted now and then on a loaded machine after their results were saved
+    ("terminate called without an active exception", SIGABRT; torchrun then reports the run failed). Once a
+    DistributedDataParallel has used the gloo group, destroy_process_group does not end the group's threads (its
+    pt_gloo_runloop and gloo_tcp_loop threads are still there after destroy, del and gc.collect(): measured), so they
+    live into the interpreter's teardown and C++ exit. The likely path (no core dump was caught): a thread that still
+    holds a collective's tensors (it frees them after waking the caller, late when descheduled) needs the GIL of a
+    finalizing interpreter, which ends it with pthread_exit; unwinding that through C++ noexcept code is
+    std::terminate. Skipping the teardown leaves no such window, whichever thread it was."""
     from common.cli import stop_worker_processes
     stop_worker_processes()
     atexit._run_exitfuncs()
