@@ -196,7 +196,7 @@ def lock_run_folder(out_dir):
 def cpu_has_fast_bf16():
     """Whether this CPU has native bf16 dot products, on which oneDNN runs bf16 convolutions and matmuls faster than
     fp32: AMX tiles (Intel Sapphire Rapids and newer: a ResNet-18 step 2.2-2.6x faster) or AVX512-BF16 (AMD EPYC
-    Zen 4 and newer, Intel Cooper Lake: 1.9x here). Without them bf16 is emulated and slower than fp32 (~10x on AVX2
+    Zen 4 and newer, Intel Cooper Lake: 1.9-2.1x here). Without them bf16 is emulated and slower than fp32 (~10x on AVX2
     only). docs/benchmarks.md, bench/cpu_precision.py."""
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
