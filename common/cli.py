@@ -185,7 +185,7 @@ def parser(method, doc, recipes):
         "epochs, then everything (with --init: fresh heads first)")
     run("--seed", nonneg_int, "seed of model init, data order and augmentations")
     run("--device", help="auto picks CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
-    run("--precision", help="auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU",
+    run("--precision", help="auto: native bf16 (GPU; CPU with AMX/AVX512-BF16), else fp16+GradScaler (GPU), fp32 (CPU)",
         choices=("auto", "fp32", "fp16", "bf16"))
     run("--out-dir", help="run folder [default: runs/<method>-<dataset>]")
     run("--resume", help="checkpoint to resume from [default: <out-dir>/last.pt when it exists]")

@@ -3,10 +3,14 @@ seeds, run folder, logs, signals), the data, one optimizer step, and the end-of-
 
 The method scripts keep what differs: heads, loss, the training step and what goes in last.pt.
 """
+import atexit
 import contextlib
+import fcntl
 import json
 import os
 import signal
+import socket
+import sys
 import time
 from types import SimpleNamespace
 
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import augment, backbones, checkpoint, data, device_augment, dist, evaluation
-from common.cli import NonFiniteLoss, Preempted, RunError, UsageError
+from common.cli import PREEMPTED_EXIT, NonFiniteLoss, Preempted, RunError, UsageError
 
 
 class Run:
@@ -37,19 +41,22 @@ class Run:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.stop_signal = None  # a Python value, set by the handler: reading it never waits on the device
+        self.told_stopping = False
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # SIGUSR1: SLURM's --signal=B:USR1@120
             signal.signal(sig, self._on_signal)
         # (epoch << 32) + step of the first step whose loss was not finite (-1: none), kept on the device and read
         # only at log steps, at the epoch's end and before a checkpoint is written: the step never waits for it.
         self.nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        self.metrics_file = self.extra_logger = None  # opened by open_outputs once build_data has read the data
+        self.metrics_file = self.extra_logger = self.folder_lock = None  # set by open_outputs, once the data is read
 
     def open_outputs(self):
-        """Create the run folder, write args.json, open metrics.jsonl and the extra logger (rank 0). build_data
+        """Lock the run folder, write args.json, open metrics.jsonl and the extra logger (rank 0). build_data
         calls it once the data is read, so that a data error (a missing folder, an offline download) leaves no
         run folder behind."""
         args = self.args
         if self.is_main and self.metrics_file is None:
+            # One run per folder (rank 0 holds it): a second run into a busy --out-dir stops here, before it writes.
+            self.folder_lock = lock_run_folder(args.out_dir)
             os.makedirs(args.out_dir, exist_ok=True)
             config = {**vars(args), "torch": torch.__version__, "world_size": self.world_size,
                       "global_batch_size": args.batch_size * self.world_size * args.accumulate_steps,
@@ -60,8 +67,15 @@ class Run:
             self.extra_logger = _extra_logger(args, config)
 
     def _on_signal(self, signum, frame):
-        # Finish the current step, then checkpoint and exit (cluster preemption, Ctrl-C).
-        self.stop_signal = signal.Signals(signum).name
+        # Finish the current step, then checkpoint and exit (cluster preemption, Ctrl-C). The handler stays to the
+        # end: a second signal (SLURM signals every process of a step and torchrun forwards the same signal, so a
+        # worker can get two; a second Ctrl-C) is ignored, so it cannot cut the save short. SIGKILL force-quits.
+        if self.stop_signal is None:
+            self.stop_signal = signal.Signals(signum).name
+        elif self.is_main and not self.told_stopping:
+            self.told_stopping = True
+            os.write(2, f"\n{signal.Signals(signum).name} ignored: already stopping after {self.stop_signal} "
+                        f"(writing last.pt); kill -KILL {os.getpid()} force-quits without saving\n".encode())
 
     def watch_finite(self, loss, epoch, step):
         """Record (epoch, step) on the device if `loss` is the first non-finite one (no host sync)."""
@@ -146,13 +160,54 @@ class Run:
 
     def preempted(self, reason, path, epoch, step):
         """After a signal, once `path` is written: close and leave with exit status cli.PREEMPTED_EXIT."""
-        self.close()
-        raise Preempted(f"{reason} received: saved {path} at epoch {epoch}, step {step}; rerun the command to resume")
+        message = f"{reason} received: saved {path} at epoch {epoch}, step {step}; rerun the command to resume"
+        if self.world_size > 1 and self.is_main:
+            print(message, file=sys.stderr)  # close() ends a torchrun process itself, before cli.run_main could
+        self.close(PREEMPTED_EXIT)
+        raise Preempted(message)
 
-    def close(self):
+    def close(self, status=0):
+        """The end of a run: the metrics file, the process group and the folder lock. Under torchrun the process
+        ends here with `status` (dist.exit_process says why)."""
         if self.metrics_file:
             self.metrics_file.close()
         dist.cleanup()
+        if self.folder_lock:
+            self.folder_lock.close()  # releases the flock (process exit would too)
+        if self.world_size > 1:
+            dist.exit_process(status)
+
+
+def lock_run_folder(out_dir):
+    """Hold an exclusive flock on <out_dir>/run.lock for the life of this process; another live run holding it is a
+    UsageError naming it. The kernel drops a flock when its process ends, however it ends: a crashed run leaves no
+    stale lock. Returns the open file (keep it: closing it releases the lock)."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, "run.lock"), "a+")  # "a+": never truncated before the lock is ours
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that is starting"
+        lock.close()
+        raise UsageError(f"--out-dir {out_dir} is in use by another run ({holder}): wait for it to end, or pass "
+                         "another --out-dir") from None
+    except OSError as e:  # a file system without flock (some network mounts): run unguarded, say so
+        print(f"note: cannot lock {out_dir} ({e.strerror}): a second run into it would not be stopped", file=sys.stderr)
+        return lock
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def cpu_has_fast_bf16():
+    """Whether this CPU has native bf16 dot products, on which oneDNN runs bf16 convolutions and matmuls faster than
+    fp32: AMX tiles (Intel Sapphire Rapids and newer: a ResNet-18 step 2.2-2.6x faster) or AVX512-BF16 (AMD EPYC
+    Zen 4 and newer, Intel Cooper Lake: 1.9-2.1x here). Without them bf16 is emulated and slower than fp32 (~10x on AVX2
+    only). docs/benchmarks.md, bench/cpu_precision.py."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # autocast's dtype of each --precision (fp32: none)
@@ -160,10 +215,11 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # autocast's dtype
 
 def resolve_precision(precision, device_type):
     """--precision auto: bf16 on GPUs with native bf16 (Ampere and newer; emulated bf16 on a V100 or T4 is slow,
-    fp16 with a GradScaler is the better choice there), fp32 on the CPU."""
+    fp16 with a GradScaler is the better choice there); on the CPU bf16 where it is faster (cpu_has_fast_bf16),
+    else fp32. The losses run in float32 either way (each script casts them)."""
     if precision == "auto":
         if device_type != "cuda":
-            return "fp32"
+            return "bf16" if cpu_has_fast_bf16() else "fp32"
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision == "fp16" and device_type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA GPU: use fp32 (or bf16) on the CPU")
@@ -233,6 +289,7 @@ def _extra_logger(args, config):
         except ImportError:
             raise UsageError("--log tensorboard needs the tensorboard package: pip install tensorboard")
         writer = SummaryWriter(args.out_dir)
+        atexit.register(writer.close)  # flushed at the end (dist.exit_process runs atexit functions too)
         return lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in m.items() if isinstance(v, float)]
     if args.log == "wandb":
         try:

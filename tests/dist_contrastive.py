@@ -11,7 +11,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -118,5 +117,5 @@ if __name__ == "__main__":
     mine = slice(rank * N // world, (rank + 1) * N // world)
     result = globals()[f"step_{check}"](*(x[mine] for x in inputs(check)), wrap=nn.parallel.DistributedDataParallel)
     torch.save(result, os.path.join(out_dir, f"{check}-rank{rank}.pt"))
-    torch_dist.barrier()
-    dist.cleanup()
+    dist.cleanup()  # a barrier, then the group destroyed
+    dist.exit_process()  # without the interpreter's teardown, where gloo threads abort it (common/dist.py)

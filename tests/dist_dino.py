@@ -8,7 +8,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as torch_dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import dist  # noqa: E402
@@ -44,5 +43,5 @@ if __name__ == "__main__":
     loss, new_center = compute(ddp, [x[local] for x in inputs], [t[local] for t in teacher], center)
     torch.save({"loss": loss, "center": new_center, "grads": [p.grad for p in model.parameters()]},
                os.path.join(out_dir, f"dino-rank{rank}.pt"))
-    torch_dist.barrier()
-    dist.cleanup()
+    dist.cleanup()  # a barrier, then the group destroyed
+    dist.exit_process()  # without the interpreter's teardown, where gloo threads abort it (common/dist.py)

@@ -33,9 +33,9 @@ def small_synthetic(name, data_dir, split, seed=0):
 
 def main(out_dir):
     data.load_dataset = small_synthetic  # build_data looks it up in common.data at call time
-    args = byol.parse_args(["--dataset", "synthetic", "--device", "cpu", "--workers", "0", "--batch-size", "32",
-                            "--data-backend", "torchvision", "--knn-every", "1", "--umap-every", "-1",
-                            "--health-samples", "301", "--out-dir", out_dir])
+    args = byol.parse_args(["--dataset", "synthetic", "--device", "cpu", "--precision", "fp32", "--workers", "0",
+                            "--batch-size", "32", "--data-backend", "torchvision", "--knn-every", "1",
+                            "--umap-every", "-1", "--health-samples", "301", "--out-dir", out_dir])
     run = Run(args)
     datasets = build_data(args, run)
     torch.manual_seed(0)  # the same backbone and probe in every process

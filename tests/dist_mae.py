@@ -10,7 +10,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,5 +53,5 @@ if __name__ == "__main__":
     images, noise, labels = batch()
     result = step(images[mine], noise[mine], labels[mine], wrap=nn.parallel.DistributedDataParallel)
     torch.save(result, os.path.join(out_dir, f"mae-rank{rank}.pt"))
-    torch_dist.barrier()
-    dist.cleanup()
+    dist.cleanup()  # a barrier, then the group destroyed
+    dist.exit_process()  # without the interpreter's teardown, where gloo threads abort it (common/dist.py)

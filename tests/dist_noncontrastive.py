@@ -9,7 +9,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as torch_dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import dist  # noqa: E402
@@ -62,5 +61,5 @@ if __name__ == "__main__":
     dist.setup("cpu")
     out = globals()[f"check_{check}"]()
     torch.save(out, os.path.join(out_dir, f"{check}-rank{dist.get_rank()}.pt"))
-    torch_dist.barrier()
-    dist.cleanup()
+    dist.cleanup()  # a barrier, then the group destroyed
+    dist.exit_process()  # without the interpreter's teardown, where gloo threads abort it (common/dist.py)

@@ -9,7 +9,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,5 +52,5 @@ if __name__ == "__main__":
     mine = slice(rank * N // world, (rank + 1) * N // world)
     result = step(batch(1)[mine], batch(2)[mine], wrap=nn.parallel.DistributedDataParallel)
     torch.save(result, os.path.join(out_dir, f"vibcreg-rank{rank}.pt"))
-    torch_dist.barrier()
-    dist.cleanup()
+    dist.cleanup()  # a barrier, then the group destroyed
+    dist.exit_process()  # without the interpreter's teardown, where gloo threads abort it (common/dist.py)

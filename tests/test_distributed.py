@@ -101,7 +101,7 @@ def test_prepare_model_converts_to_sync_batchnorm_before_compiling(monkeypatch):
     assert list(target.state_dict()) == keys
 
 
-def test_auto_precision_is_native_bf16_else_fp16_on_cuda_and_fp32_on_cpu(monkeypatch):
+def test_auto_precision_is_native_bf16_else_fp16_on_cuda_and_bf16_on_cpus_with_native_bf16(monkeypatch):
     from common.cli import UsageError
     from common.run import resolve_precision
     asked = []
@@ -113,6 +113,11 @@ def test_auto_precision_is_native_bf16_else_fp16_on_cuda_and_fp32_on_cpu(monkeyp
     assert resolve_precision("auto", "cuda") == "fp16" and asked == [False]
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
     assert resolve_precision("auto", "cuda") == "bf16"
-    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    for amx, avx512_bf16, want in ((True, True, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        # Sapphire Rapids (AMX); AMD EPYC Zen 4 (AVX512-BF16, no AMX); AVX2 only or AVX-512 without BF16
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert resolve_precision("auto", "cpu") == want, (amx, avx512_bf16)
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(UsageError):
         resolve_precision("fp16", "cpu")
