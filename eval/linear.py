@@ -222,7 +222,7 @@ def run(argv=None):
     dtype = AMP_DTYPES.get(resolve_precision("auto", device.type))  # bf16 on Ampere+, fp16 on a V100 or T4
     # Frozen forward passes only: half precision needs no loss scaling here.
     ctx = dict(device=device, channels_last=cuda,
-               autocast=(lambda: torch.autocast("cuda", dtype=dtype)) if dtype else None)
+               autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None)
     backbone = backbone.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).eval()
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)

@@ -76,7 +76,7 @@ def run(argv=None):
     cuda = device.type == "cuda"
     dtype = AMP_DTYPES.get(resolve_precision("auto", device.type))  # bf16 on Ampere+, fp16 on a V100 or T4
     ctx = dict(device=device, channels_last=cuda,
-               autocast=(lambda: torch.autocast("cuda", dtype=dtype)) if dtype else None)
+               autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None)
     backbone = backbone.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
     loader = data.eval_loader(dataset, augment.val_transform(meta["image_size"], mean, std), args.batch_size,

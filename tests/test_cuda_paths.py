@@ -88,7 +88,10 @@ def test_one_precision_rule_for_training_and_eval(monkeypatch):
     for native, expected in ((True, "bf16"), (False, "fp16")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
         assert run_lib.resolve_precision("auto", "cuda") == expected
-    assert run_lib.resolve_precision("auto", "cpu") == "fp32" and run_lib.AMP_DTYPES.get("fp32") is None
+    for fast_bf16, expected in ((False, "fp32"), (True, "bf16")):  # AVX2 only; AMX or AVX512-BF16
+        monkeypatch.setattr(run_lib, "cpu_has_fast_bf16", lambda: fast_bf16)
+        assert run_lib.resolve_precision("auto", "cpu") == expected
+    assert run_lib.AMP_DTYPES.get("fp32") is None
     for script in ("linear", "knn", "umap"):
         source = (ROOT / "eval" / f"{script}.py").read_text()
         assert "is_bf16_supported" not in source and 'resolve_precision("auto", device.type)' in source, script
@@ -119,6 +122,7 @@ def test_images_per_second_stops_before_evaluation(monkeypatch):
     monkeypatch.setattr(run_lib.time, "time", lambda: times.pop(0) if times else 200.0)
     logged = []
     run = SimpleNamespace(device=torch.device("cpu"), world_size=1, is_main=False, stop_signal=None,
+                          accumulation=run_lib.Accumulation(1, 1),
                           args=SimpleNamespace(max_steps=0, log_every=1000, umap_every=-1),
                           read_flags=lambda values: ([float(v) for v in values], None, False),
                           raise_if_nonfinite=lambda bad: None, log=logged.append, print=lambda *a: None)

@@ -87,16 +87,18 @@ def test_prepare_model_compiles_online_and_target_backbones_in_place(compile, mo
     assert spy.calls == (3 if compile else 0)  # the compiled path is the one forward takes: 1 target + 2 online
 
 
-def test_prepare_model_converts_to_sync_batchnorm_before_compiling(monkeypatch):
-    """Under DDP on GPUs (faked here: the move to the device is skipped) BN becomes SyncBatchNorm, then compiles."""
+def test_prepare_model_converts_to_sync_batchnorm_and_refuses_to_compile_it(monkeypatch):
+    """Under DDP on GPUs (faked here: the move to the device is skipped) BN becomes SyncBatchNorm, which
+    torch.compile cannot compile whole: --compile is refused with one line (compile_backbone) before compiling."""
+    from common.cli import UsageError
     spy = CompileSpy()
     monkeypatch.setattr(torch, "compile", spy)
     _, target = byol_pair()
     keys = list(target.state_dict())
     monkeypatch.setattr(target, "to", lambda *args, **kwargs: target)
-    prepared = prepare_model(target, fake_run(True, world_size=2, device="cuda"), trained=False)
-    assert prepared is target  # a momentum network gets no DDP wrapper
-    assert spy.compiled == [target[0]] and spy.had_sync_bn == [True]
+    with pytest.raises(UsageError, match="--compile with several GPUs.*SyncBatchNorm"):
+        prepare_model(target, fake_run(True, world_size=2, device="cuda"), trained=False)
+    assert spy.compiled == []
     assert not any(type(m) is torch.nn.BatchNorm2d or type(m) is torch.nn.BatchNorm1d for m in target.modules())
     assert list(target.state_dict()) == keys
 

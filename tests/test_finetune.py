@@ -49,8 +49,8 @@ def resnet_ckpt(tmp_path_factory):
 
 
 def run_finetune(ckpt, out_dir, *extra):
-    argv = ["--ckpt", str(ckpt), "--out-dir", str(out_dir), "--device", "cpu", "--workers", "0", "--log-every", "1",
-            *map(str, extra)]
+    argv = ["--ckpt", str(ckpt), "--out-dir", str(out_dir), "--device", "cpu", "--precision", "fp32", "--workers", "0",
+            "--log-every", "1", *map(str, extra)]  # fp32 on every CPU: the tolerances are float32's
     return finetune.train(finetune.build_parser().parse_args(argv))
 
 
@@ -203,8 +203,8 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
     ckpt = write_backbone(tmp_path / "vit", "vit_tiny")
     flags = ["--epochs", 1, "--max-train", 32, "--max-val", 32, "--optimizer", "sgd", "--lr", 0.5,
              "--warmup-epochs", 0, "--mixup", 0, "--cutmix", 0, "--drop-path", 0]
-    torchrun("eval/finetune.py", "--ckpt", ckpt, "--out-dir", tmp_path / "two", "--device", "cpu", "--workers", 0,
-             "--batch-size", 8, *flags)
+    torchrun("eval/finetune.py", "--ckpt", ckpt, "--out-dir", tmp_path / "two", "--device", "cpu", "--precision", "fp32",
+             "--workers", 0, "--batch-size", 8, *flags)
     run_finetune(ckpt, tmp_path / "one", "--batch-size", 16, *flags)
     one, two = (json.loads((tmp_path / d / "finetune.json").read_text()) for d in ("one", "two"))
     assert (one["world_size"], two["world_size"], one["steps"], two["steps"]) == (1, 2, 2, 2)
