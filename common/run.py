@@ -553,7 +553,11 @@ def evaluate(run, datasets, backbone, probe, epoch, final=False, embed=None):
             # the best embedding rank since this process started: a collapse is a fall from it
             run.best_rank = max(getattr(run, "best_rank", 0.0), metrics["health_rank_embed"])
             if warning := evaluation.collapse_warning(metrics, args.method, run.best_rank):
-                run.print(f"warning: epoch {epoch}: {warning}")
+                metrics["health_warning"] = 1  # every epoch it holds; said once, not once an epoch
+                if not getattr(run, "collapse_said", False):
+                    run.print(f"warning: epoch {epoch}: {warning} (said once; later epochs that still show it "
+                              "carry health_warning=1 in metrics.jsonl)")
+                    run.collapse_said = True
     if datasets.val is None:
         return metrics
     knn_now, umap_now = now(args.knn_every), now(args.umap_every) and epoch >= 0

@@ -149,7 +149,12 @@ def test_a_collapsed_embedding_prints_one_warning_line(health_run, capsys):
     run, datasets = made[False]
     constant = nn.Linear(dim, 16)
     nn.init.zeros_(constant.weight)  # every image maps to the bias: one point
+    run.collapse_said = False  # the fixture's run is shared: this test starts from a run that has said nothing
     metrics = run_module.evaluate(run, datasets, backbone, None, 3, embed=constant)
     assert metrics["health_std"] == 0 and metrics["health_alignment"] == 0 and metrics["health_uniformity"] == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: epoch 3: the representation is collapsed")
+    assert metrics["health_warning"] == 1
+    # Said once per run: the next epoch that still shows it is marked in metrics.jsonl, not printed again.
+    later = run_module.evaluate(run, datasets, backbone, None, 4, embed=constant)
+    assert later["health_warning"] == 1 and "warning" not in capsys.readouterr().out
