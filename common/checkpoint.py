@@ -256,6 +256,16 @@ def _run_data_dir(ckpt, dataset):
 FOLDER_DATASETS = ("imagenet", "imagenet100", "folder")  # read from --data-dir as it is, nothing downloaded
 
 
+def add_eval_data_flags(p, task):
+    """--dataset and --data-dir of an eval/ tool (`task`: what it does with the data), defaulted by eval_data."""
+    from common.cli import DATASETS  # the names common.data serves
+    p.add_argument("--dataset", choices=DATASETS, default=None,
+                   help=f"dataset to {task} [default: the one stored in --ckpt]")
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
+                        "the run's; else ./data]")
+
+
 def eval_data(ckpt, meta, dataset=None, data_dir=None):
     """(dataset, data_dir, tag) of an eval/ tool from its --dataset, --data-dir and backbone.pt's metadata.
 

@@ -71,11 +71,7 @@ def build_parser():
 
     p.add_argument("--ckpt", required=True, type=existing_file,
                    help="backbone.pt written by a method script [required]")
-    p.add_argument("--dataset", choices=data.DATASETS, default=None,
-                   help="dataset to fine-tune on [default: the one stored in --ckpt]")
-    p.add_argument("--data-dir", default=None,
-                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
-                        "the run's; else ./data]")
+    checkpoint.add_eval_data_flags(p, "fine-tune on")
     p.add_argument("--fraction", type=cli.fraction, default=1.0,
                    help="train on a class-balanced fraction of the labelled images, drawn with --seed (0.01 and 0.1: "
                         "the SSL papers' 1%% / 10%% protocols) [default: all]")

@@ -33,11 +33,7 @@ from common.cli import Parser, RunError, UsageError, run_main  # noqa: E402
 def build_parser():
     p = Parser(prog="eval/knn.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="backbone.pt written by a method script [required]")
-    p.add_argument("--dataset", choices=data.DATASETS, default=None,
-                   help="dataset to evaluate on [default: the one stored in --ckpt]")
-    p.add_argument("--data-dir", default=None,
-                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
-                        "the run's; else ./data]")
+    checkpoint.add_eval_data_flags(p, "evaluate on")
     p.add_argument("--k", type=cli.positive_int, default=200, help="neighbours per query [default: %(default)s]")
     # exp(1 / T) must fit a float32 (T >= 0.0114): 0.02 leaves a margin for every cosine in [-1, 1].
     p.add_argument("--temperature", type=cli.number_at_least(0.02), default=0.1,

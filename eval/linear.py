@@ -71,11 +71,7 @@ def build_parser():
     p = Parser(prog="eval/linear.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, type=existing_file,
                    help="backbone.pt written by a method script [required]")
-    p.add_argument("--dataset", choices=data.DATASETS, default=None,
-                   help="dataset to evaluate on [default: the one stored in --ckpt]")
-    p.add_argument("--data-dir", default=None,
-                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
-                        "the run's; else ./data]")
+    checkpoint.add_eval_data_flags(p, "evaluate on")
     p.add_argument("--epochs", type=positive_int, default=100,
                    help="epochs of linear-layer training [default: %(default)s]")
     p.add_argument("--batch-size", type=positive_int, default=256, help="mini-batch size [default: %(default)s]")

@@ -31,11 +31,7 @@ from common.cli import Parser, RunError, UsageError, run_main  # noqa: E402
 def build_parser():
     p = Parser(prog="eval/umap.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="backbone.pt written by a method script [required]")
-    p.add_argument("--dataset", choices=data.DATASETS, default=None,
-                   help="dataset to draw [default: the one stored in --ckpt]")
-    p.add_argument("--data-dir", default=None,
-                   help="where the dataset lives [default: the run's --data-dir, recorded in --ckpt, when --dataset is "
-                        "the run's; else ./data]")
+    checkpoint.add_eval_data_flags(p, "draw")
     p.add_argument("--split", choices=("val", "train"), default="val",
                    help="which split to draw [default: %(default)s]")
     p.add_argument("--max-points", type=cli.int_at_least(3), default=10000,
