@@ -105,6 +105,51 @@ def test_torchvision_names_load_from_the_cache_and_say_what_to_fetch_offline(tmp
         checkpoint.init_state_dict("torchvision:resnet7", target, "resnet18", 64)
 
 
+def test_torchvision_names_download_once_when_online(tmp_path, monkeypatch, capsys):
+    # torch.hub's download is the only thing faked: it "serves" a stock ResNet-18 (with its fc); the rest is
+    # torchvision's and torch.hub's own code path (cache folder, file name, loading), then the cache serves it.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    stock, fetched = torchvision.models.resnet18(), []
+
+    def serve(url, dst, *args, **kwargs):
+        fetched.append(url)
+        torch.save(stock.state_dict(), dst)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", serve)
+    weights = torchvision.models.get_model_weights("resnet18").DEFAULT
+    for _ in range(2):
+        target = seeded("resnet18", 64)
+        target.load_state_dict(checkpoint.init_state_dict("torchvision:resnet18", target, "resnet18", 64))
+        assert same_weights(target.state_dict(), {k: v for k, v in stock.state_dict().items() if k in
+                                                  target.state_dict()})
+    assert fetched == [weights.url]  # downloaded once, then read from the cache
+    assert f'Downloading: "{weights.url}"' in capsys.readouterr().out
+
+
+def test_timm_names_download_through_the_hub_when_online(tmp_path, monkeypatch):
+    # huggingface_hub's download is faked (it "serves" a stock timm model's safetensors, 1000-class head included);
+    # the DNS probe is made to succeed. timm's own create_model(pretrained=True) path does the rest.
+    import socket
+    import timm
+    import timm.models._hub as timm_hub
+    from safetensors.torch import save_file
+    name = "vit_tiny_patch16_224"
+    torch.manual_seed(3)
+    stock = timm.create_model(name, pretrained=False)
+    served, asked = tmp_path / "model.safetensors", []
+    save_file({k: v.contiguous() for k, v in stock.state_dict().items()}, str(served))
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return str(served)
+    monkeypatch.setattr(timm_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])
+    target = seeded("vit_tiny", 224)
+    target.load_state_dict(checkpoint.init_state_dict(f"timm:{name}", target, "vit_tiny", 224))
+    assert asked and asked[0][0] == timm.models.get_pretrained_cfg(name).hf_hub_id
+    expected = {k: v for k, v in stock.state_dict().items() if not k.startswith("head.")}
+    assert same_weights(target.state_dict(), expected)
+
+
 def test_timm_names_offline_say_what_to_fetch(monkeypatch):
     # timm itself stands in (importing it costs seconds): create_model fails as huggingface_hub does offline.
     def create_model(name, pretrained=False, num_classes=None):
