@@ -314,6 +314,9 @@ def collapse_warning(metrics, method, best_rank=None):
         return None
     causes = next((c for names, c in _CAUSES.items() if method in names), "")
     seen = "" if collapsed else f", down from {best_rank:.1f}"
-    return (f"the representation is {'collapsed' if collapsed else 'collapsing'} (effective rank {rank:.2f} of at "
+    # one point (BYOL / SimSiam collapse) or a spread along a few directions only (dimensional collapse)
+    state = "collapsing" if not collapsed else "collapsed to one point" if std < COLLAPSED_STD * healthy else \
+        f"collapsed onto about {max(1, round(rank))} direction{'s' if round(rank) > 1 else ''}"
+    return (f"the representation is {state} (effective rank {rank:.2f} of at "
             f"most {max_rank}{seen}, std of the normalised embedding {std:.2g}, healthy about {healthy:.2g}): likely "
             f"an lr too high (--lr){', ' + causes if causes else ''} (docs/health.md)")

@@ -69,13 +69,19 @@ def test_the_collapse_warning_fires_on_collapse_and_names_causes():
     assert collapse_warning(health(healthy), "byol") is None
     one_point = torch.randn(64, generator=g) + 1e-4 * torch.randn(512, 64, generator=g)  # std ~1e-4 / 8 << 0.05 / 8
     warning = collapse_warning(health(one_point), "byol")
-    assert warning.startswith("the representation is collapsed") and "momentum" in warning and "\n" not in warning
+    assert warning.startswith("the representation is collapsed to one point") and "momentum" in warning
+    assert "\n" not in warning
     # a line through the origin: the normalised rows are +-v, rank 1 < 0.02 * 64 while the std is healthy-sized
     # (|v_i| / |v| per coordinate, averaging sqrt(2 / pi) / 8 for a Gaussian v)
     line = torch.randn(512, 1, generator=g) * torch.randn(1, 64, generator=g)
     metrics = health(line)
     assert metrics["health_std"] > 0.5 / 8 and "effective rank 1.00 of at most 64" in collapse_warning(metrics, "simclr")
-    assert "temperature" in collapse_warning(metrics, "simclr")
+    warning = collapse_warning(metrics, "simclr")
+    assert warning.startswith("the representation is collapsed onto about 1 direction (") and "temperature" in warning
+    # three directions of 256 through the origin: rank ~3 < 0.02 * 256, named as such
+    plane = torch.randn(512, 3, generator=g) @ torch.linalg.qr(torch.randn(256, 3, generator=g))[0].T
+    warning = collapse_warning(health(plane), "simclr")
+    assert warning.startswith("the representation is collapsed onto about 3 directions")
     # partial collapse: 4 directions of 64 (rank ~2.7: under 0.1 * 64, over 0.02 * 64) around a common mean that
     # puts the normalised rows in a cone (std under 0.25 / 8, over 0.05 / 8): flagged only as a fall from a rank
     # over 4 times higher earlier in the run, never on its own (a network near its random init looks like this)
@@ -153,7 +159,7 @@ def test_a_collapsed_embedding_prints_one_warning_line(health_run, capsys):
     metrics = run_module.evaluate(run, datasets, backbone, None, 3, embed=constant)
     assert metrics["health_std"] == 0 and metrics["health_alignment"] == 0 and metrics["health_uniformity"] == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
-    assert len(lines) == 1 and lines[0].startswith("warning: epoch 3: the representation is collapsed")
+    assert len(lines) == 1 and lines[0].startswith("warning: epoch 3: the representation is collapsed to one point")
     assert metrics["health_warning"] == 1
     # Said once per run: the next epoch that still shows it is marked in metrics.jsonl, not printed again.
     later = run_module.evaluate(run, datasets, backbone, None, 4, embed=constant)
