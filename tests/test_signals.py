@@ -15,15 +15,21 @@ from common.cli import PREEMPTED_EXIT
 from conftest import ROOT, TINY, read_metrics
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_saves_a_loadable_checkpoint_and_exits_3(tmp_path, sig):
-    out = tmp_path / "run"
+def started_run(out):
+    """(command, process) of a long tiny SimCLR run into `out`, returned once it has logged its first metrics."""
     cmd = [sys.executable, "simclr.py", *TINY, "--proj-hidden-dim", "32", "--proj-output-dim", "16", "--epochs", "100",
            "--out-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").exists() and read_metrics(out)):
         time.sleep(0.2)
+    return cmd, proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_a_loadable_checkpoint_and_exits_3(tmp_path, sig):
+    out = tmp_path / "run"
+    cmd, proc = started_run(out)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT == 3, stderr
@@ -38,12 +44,7 @@ def test_a_busy_folder_refuses_a_second_run_and_a_double_sigterm_still_saves(tmp
     writes anything. Then two SIGTERMs 0.1 s apart (SLURM and torchrun both signal a worker): the second is
     ignored, the first run still saves last.pt at the step it stopped at and exits 3."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "simclr.py", *TINY, "--proj-hidden-dim", "32", "--proj-output-dim", "16", "--epochs", "100",
-           "--out-dir", str(out)]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and read_metrics(out)):
-        time.sleep(0.2)
+    cmd, first = started_run(out)
     written = {name: (out / name).stat().st_mtime_ns for name in ("args.json", "run.lock")}
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and second.stderr.strip().splitlines() == [
