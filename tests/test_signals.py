@@ -29,7 +29,7 @@ def started_run(out):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_saves_a_loadable_checkpoint_and_exits_3(tmp_path, sig):
     out = tmp_path / "run"
-    cmd, proc = started_run(out)
+    _, proc = started_run(out)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT == 3, stderr
