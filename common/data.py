@@ -92,17 +92,20 @@ def _is_image(directory, name):
 
 
 def _image_files(directory, skipped):
-    """Image files below `directory`, recursively (following links, each folder once), in a stable sorted order.
-    Names of files that are not images (other extensions, hidden, broken links) are appended to `skipped`."""
-    found, seen = [], set()
+    """Image files below `directory`, recursively (following links, each folder once), in a stable sorted order,
+    yielded as the walk finds them. Names of files that are not images (other extensions, hidden, broken links) are
+    appended to `skipped`."""
+    seen = set()
     for parent, subdirs, files in os.walk(directory, followlinks=True):
         seen.add(os.path.realpath(parent))
         # Prune hidden folders and links back to a folder already walked (a link cycle would never end).
         subdirs[:] = sorted(d for d in subdirs
                             if not _hidden(d) and os.path.realpath(os.path.join(parent, d)) not in seen)
         for name in sorted(files):
-            (found if _is_image(parent, name) else skipped).append(os.path.join(parent, name))
-    return found
+            if _is_image(parent, name):
+                yield os.path.join(parent, name)
+            else:
+                skipped.append(os.path.join(parent, name))
 
 
 def _subfolders(root, ignore=()):
@@ -177,17 +180,12 @@ def first_image_sides(data_dir, count=8):
     """The longer side of the first `count` images of a folder dataset (under DATA/train, else DATA), in scan
     order, from their headers: a quick look at the image size before the full scan. [] when none is found."""
     train_root = os.path.join(data_dir, "train")
-    root, sides, seen = train_root if os.path.isdir(train_root) else data_dir, [], set()
-    for parent, subdirs, files in os.walk(root, followlinks=True):
-        seen.add(os.path.realpath(parent))
-        subdirs[:] = sorted(d for d in subdirs
-                            if not _hidden(d) and os.path.realpath(os.path.join(parent, d)) not in seen)
-        for name in sorted(name for name in files if _is_image(parent, name)):
-            with contextlib.suppress(OSError, ValueError, Image.DecompressionBombError), \
-                    Image.open(os.path.join(parent, name)) as image:
-                sides.append(max(image.size))
-            if len(sides) == count:
-                return sides
+    sides = []
+    for path in _image_files(train_root if os.path.isdir(train_root) else data_dir, skipped=[]):
+        with contextlib.suppress(OSError, ValueError, Image.DecompressionBombError), Image.open(path) as image:
+            sides.append(max(image.size))
+        if len(sides) == count:
+            break
     return sides
 
 
