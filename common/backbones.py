@@ -139,6 +139,11 @@ def timm_kwargs(name, image_size):
     return kwargs
 
 
+def has_cifar_stem(name, image_size):
+    """Whether `name` at `image_size` px is built with the CIFAR stem (ResNets below 64px)."""
+    return name in RESNETS and image_size < 64
+
+
 def build_backbone(name, image_size=224):
     """Return (module, feature_dim); the module maps images (N, 3, H, W) to features (N, feature_dim).
 
@@ -147,7 +152,7 @@ def build_backbone(name, image_size=224):
     """
     if name in RESNETS:
         net = narrow_resnet() if name == "resnet_narrow" else getattr(torchvision.models, name)()
-        if image_size < 64:
+        if has_cifar_stem(name, image_size):
             cifar_stem(net)
         dim = net.fc.in_features
         net.fc = nn.Identity()
@@ -164,7 +169,7 @@ def build_backbone(name, image_size=224):
 
 def backbone_metadata(name, image_size, feature_dim, method):
     """What eval/ needs to rebuild a backbone; stored beside its state dict in backbone.pt."""
-    return {"name": name, "image_size": image_size, "cifar_stem": name in RESNETS and image_size < 64,
+    return {"name": name, "image_size": image_size, "cifar_stem": has_cifar_stem(name, image_size),
             "feature_dim": feature_dim, "method": method}
 
 

@@ -377,7 +377,8 @@ def init_state_dict(source, backbone, name, image_size):
         state, what = _file_state_dict(source)
         if what == "backbone.pt":
             stem = state.get("cifar_stem", False)
-            here = name in ("resnet18", "resnet50", "resnet_narrow") and image_size < 64
+            from common.backbones import has_cifar_stem  # here: backbones imports this module
+            here = has_cifar_stem(name, image_size)
             if state["name"] != name or stem != here:
                 raise UsageError(f"--init {source} holds a {state['name']}{' with the CIFAR stem' if stem else ''} "
                                  f"({state.get('image_size')}px), this run builds a {name}"
