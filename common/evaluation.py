@@ -308,14 +308,14 @@ def collapse_warning(metrics, method, best_rank=None):
     the likely causes for `method`'s family. best_rank: the highest embedding rank of this run so far, if any."""
     rank, max_rank = metrics["health_rank_embed"], metrics["health_rank_embed_max"]
     std, healthy = metrics["health_std"], metrics["health_std_healthy"]
-    collapsed = rank < COLLAPSED_RANK * max_rank or std < COLLAPSED_STD * healthy
+    one_point = std < COLLAPSED_STD * healthy  # the BYOL / SimSiam collapse; else a spread along few directions
+    collapsed = one_point or rank < COLLAPSED_RANK * max_rank
     falling = best_rank is not None and rank < DECLINE * best_rank
     if not (collapsed or falling and rank < PARTIAL_RANK * max_rank and std < PARTIAL_STD * healthy):
         return None
     causes = next((c for names, c in _CAUSES.items() if method in names), "")
     seen = "" if collapsed else f", down from {best_rank:.1f}"
-    # one point (BYOL / SimSiam collapse) or a spread along a few directions only (dimensional collapse)
-    state = "collapsing" if not collapsed else "collapsed to one point" if std < COLLAPSED_STD * healthy else \
+    state = "collapsing" if not collapsed else "collapsed to one point" if one_point else \
         f"collapsed onto about {max(1, round(rank))} direction{'s' if round(rank) > 1 else ''}"
     return (f"the representation is {state} (effective rank {rank:.2f} of at "
             f"most {max_rank}{seen}, std of the normalised embedding {std:.2g}, healthy about {healthy:.2g}): likely "
