@@ -226,6 +226,18 @@ def resolve_precision(precision, device_type):
     return precision
 
 
+def frozen_forward(backbone, device):
+    """(backbone on `device`, the keyword context of evaluation's forward passes) for the eval/ tools' frozen
+    backbones: channels_last on CUDA, autocast in the dtype --precision auto picks there (bf16 on Ampere and newer
+    and on CPUs with native bf16, fp16 on a V100 or T4; forward passes only, features cast back to float32, so half
+    precision needs no loss scaling)."""
+    cuda = device.type == "cuda"
+    dtype = AMP_DTYPES.get(resolve_precision("auto", device.type))
+    ctx = dict(device=device, channels_last=cuda,
+               autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None)
+    return backbone.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format), ctx
+
+
 @contextlib.contextmanager
 def full_float32():
     """Matmuls in full float32 inside (Run turns TF32 on for the rest): for the float32 math of a loss that needs it

@@ -33,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 from common import augment, checkpoint, data, dist, evaluation  # noqa: E402
 from common.backbones import load_backbone  # noqa: E402
-from common.run import AMP_DTYPES, resolve_precision  # noqa: E402
+from common.run import frozen_forward  # noqa: E402
 from common.cli import (Parser, UsageError, fraction, nonneg_float, nonneg_int, positive_float,  # noqa: E402
                         positive_int, run_main)
 
@@ -215,11 +215,8 @@ def run(argv=None):
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    dtype = AMP_DTYPES.get(resolve_precision("auto", device.type))  # bf16 on Ampere+, fp16 on a V100 or T4
-    # Frozen forward passes only: half precision needs no loss scaling here.
-    ctx = dict(device=device, channels_last=cuda,
-               autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None)
-    backbone = backbone.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format).eval()
+    backbone, ctx = frozen_forward(backbone, device)
+    backbone.eval()
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
 

@@ -24,7 +24,7 @@ from tqdm import tqdm  # noqa: E402
 
 from common import augment, checkpoint, cli, data, dist, evaluation  # noqa: E402
 from common.backbones import load_backbone  # noqa: E402
-from common.run import AMP_DTYPES, resolve_precision  # noqa: E402
+from common.run import frozen_forward  # noqa: E402
 from common.cli import Parser, RunError, UsageError, run_main  # noqa: E402
 
 
@@ -70,10 +70,7 @@ def run(argv=None):
         dataset = Subset(dataset, chosen.sort().values.tolist())
 
     cuda = device.type == "cuda"
-    dtype = AMP_DTYPES.get(resolve_precision("auto", device.type))  # bf16 on Ampere+, fp16 on a V100 or T4
-    ctx = dict(device=device, channels_last=cuda,
-               autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None)
-    backbone = backbone.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    backbone, ctx = frozen_forward(backbone, device)
     mean, std = augment.NORMALIZATION.get(args.dataset, augment.NORMALIZATION["imagenet"])
     loader = data.eval_loader(dataset, augment.val_transform(meta["image_size"], mean, std), args.batch_size,
                               args.workers, pin_memory=cuda)

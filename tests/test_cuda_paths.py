@@ -92,9 +92,13 @@ def test_one_precision_rule_for_training_and_eval(monkeypatch):
         monkeypatch.setattr(run_lib, "cpu_has_fast_bf16", lambda: fast_bf16)
         assert run_lib.resolve_precision("auto", "cpu") == expected
     assert run_lib.AMP_DTYPES.get("fp32") is None
+    for fast_bf16, expected in ((False, None), (True, torch.bfloat16)):  # the eval tools' frozen forward passes
+        monkeypatch.setattr(run_lib, "cpu_has_fast_bf16", lambda: fast_bf16)
+        _, ctx = run_lib.frozen_forward(torch.nn.Linear(2, 2), torch.device("cpu"))
+        assert (ctx["autocast"] and ctx["autocast"]().fast_dtype) == expected
     for script in ("linear", "knn", "umap"):
         source = (ROOT / "eval" / f"{script}.py").read_text()
-        assert "is_bf16_supported" not in source and 'resolve_precision("auto", device.type)' in source, script
+        assert "is_bf16_supported" not in source and "frozen_forward(backbone, device)" in source, script
 
 
 def test_compile_refuses_sync_batchnorm_and_compiles_whole():
