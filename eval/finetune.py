@@ -96,7 +96,8 @@ def build_parser():
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when present, else CPU [default: %(default)s]")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                   help="auto: bf16 on GPUs that support it, else fp16 + GradScaler; fp32 on CPU [default: auto]")
+                   help="auto: native bf16 (GPU; CPU with AMX/AVX512-BF16), else fp16+GradScaler (GPU), fp32 (CPU) "
+                        "[default: auto]")
     p.add_argument("--seed", type=cli.nonneg_int, default=0,
                    help="seed of the head, the --fraction and --max-train subsets, data order, augmentation, mixup "
                         "and drop path [default: %(default)s]")
